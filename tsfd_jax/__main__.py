@@ -1,0 +1,4 @@
+from tsfd_jax.main import main
+
+if __name__ == "__main__":
+    main()
