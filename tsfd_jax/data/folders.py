@@ -1,0 +1,279 @@
+"""Image + label folders (CoNSeP-style) -> prepared examples.
+
+A folder holds ``<stem>.png|jpg|jpeg|tif|tiff`` images, each with a ``<stem>.npz`` holding
+``inst`` (H, W) instance ids of any integer dtype (0 = background) and optionally ``type``
+(H, W) class labels (0 = background, 1..C). Class names for labels 1..C come from a
+``classes.txt`` in the folder (one name a line) or are given explicitly; without ``type`` every
+nucleus is class 1 of the single class "Nucleus".
+
+Prepared contract (DESIGN §3): ``image`` uint8 RGB, ``inst`` int32 contiguous 1..K (original id
+order), ``cls`` uint8 = the majority ``type`` over the instance's labelled pixels (ties: the
+smaller label), ``tissue`` 0 (folders carry no tissue), ``key`` = the stem. An instance without
+any labelled pixel is dropped (it has no class to learn); every such repair is counted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import skimage.segmentation
+from PIL import Image
+
+from tsfd_jax.constants import BACKGROUND
+from tsfd_jax.data.pannuke import count_disconnected
+from tsfd_jax.errors import UserError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+CLASSES_FILE = "classes.txt"
+NO_TYPE_CLASS = "Nucleus"
+DEFAULT_GROUP_PATTERN = r"_\d+$"  # consep 'train_10_003' -> source image 'train_10'
+
+FOLDER_RESOLUTION_KEYS: tuple[str, ...] = (
+    "relabelled_images",       # images whose instance ids were not already 1..K
+    "disconnected_instances",  # instances in several 8-connected pieces (counted, kept whole)
+    "mixed_type_instances",    # instances whose pixels carry more than one class label
+    "untyped_instances",       # instances without any labelled pixel: dropped
+    "typed_background_pixels",  # type > 0 where inst == 0: ignored
+)
+
+_GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def read_classes(path: Path) -> tuple[str, ...]:
+    """Class names for labels 1..C, one per non-empty line ('#' starts a comment line)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+    names = tuple(s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#"))
+    if not names:
+        raise UserError(f"{path}: no class names")
+    if len(set(names)) != len(names):
+        raise UserError(f"{path}: repeated class names")
+    return names
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB; RGBA loses its alpha; greyscale is refused (H&E needs colour)."""
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            a = np.asarray(tifffile.imread(path))
+        else:
+            with Image.open(path) as im:
+                if im.mode in _GREY_MODES:
+                    raise UserError(f"{path}: greyscale image (mode {im.mode}); H&E needs RGB")
+                if im.mode == "P":
+                    im = im.convert("RGBA")
+                elif im.mode not in ("RGB", "RGBA"):
+                    im = im.convert("RGB")
+                a = np.asarray(im)
+    except UserError:
+        raise
+    except Exception as e:  # PIL/tifffile raise many types for broken files
+        raise UserError(f"{path}: cannot read image ({e})") from None
+    if a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (1, 2)):
+        raise UserError(f"{path}: greyscale image {a.shape}; H&E needs RGB")
+    if a.ndim != 3 or a.shape[-1] not in (3, 4):
+        raise UserError(f"{path}: image of shape {a.shape}, expected (H, W, 3) RGB")
+    if a.dtype != np.uint8:
+        raise UserError(f"{path}: {a.dtype} pixels, expected 8-bit RGB")
+    return np.ascontiguousarray(a[..., :3])
+
+
+def image_shape(path: Path) -> tuple[int, int]:
+    """(H, W) from the file header, without decoding the pixels."""
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as t:
+                shape = t.pages[0].shape
+            return int(shape[0]), int(shape[1])
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except Exception as e:
+        raise UserError(f"{path}: cannot read image ({e})") from None
+
+
+def source_group(stem: str, pattern: str = DEFAULT_GROUP_PATTERN) -> str:
+    """The source image a tile comes from: the stem without ``pattern`` (empty: the stem)."""
+    return re.sub(pattern, "", stem) if pattern else stem
+
+
+def split_by_group(stems: Sequence[str], val_fraction: float, seed: int,
+                   pattern: str = DEFAULT_GROUP_PATTERN) -> tuple[list[str], list[str]]:
+    """(train stems, val stems): whole source groups go to val, in a seeded random group order,
+    until val holds at least ``val_fraction`` of the images. Tiles of one image stay together."""
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    if val_fraction == 0 or not stems:
+        return list(stems), []
+    groups = sorted({source_group(s, pattern) for s in stems})
+    if len(groups) < 2:
+        raise UserError(f"all {len(stems)} images form the single source group {groups[0]!r}; "
+                        "a validation split needs two groups (set --group-pattern '' to split "
+                        "by image, or --val-fraction 0)")
+    order = [groups[j] for j in np.random.default_rng(seed).permutation(len(groups))]
+    size = {g: 0 for g in groups}
+    for s in stems:
+        size[source_group(s, pattern)] += 1
+    target, val_groups, n = val_fraction * len(stems), set(), 0
+    for g in order[:-1]:  # the last group always stays in train
+        if n >= target:
+            break
+        val_groups.add(g)
+        n += size[g]
+    train = [s for s in stems if source_group(s, pattern) not in val_groups]
+    val = [s for s in stems if source_group(s, pattern) in val_groups]
+    return train, val
+
+
+class FolderDataset:
+    """One folder of images + npz labels; ``example(i)`` validates and converts example i."""
+
+    def __init__(self, root: str | Path, class_names: Sequence[str] | None = None):
+        self.root = root = Path(root)
+        if not root.is_dir():
+            raise UserError(f"{root}: not a folder")
+        images: dict[str, Path] = {}
+        labels: dict[str, Path] = {}
+        for p in sorted(root.iterdir()):
+            ext = p.suffix.lower()
+            if not p.is_file():
+                continue
+            if ext in IMAGE_EXTS:
+                if p.stem in images:
+                    raise UserError(f"{p}: a second image for stem {p.stem!r} "
+                                    f"({images[p.stem].name})")
+                images[p.stem] = p
+            elif ext == ".npz":
+                labels[p.stem] = p
+        for stem, p in images.items():
+            if stem not in labels:
+                raise UserError(f"{p}: no label file {stem}.npz beside it")
+        for stem, p in labels.items():
+            if stem not in images:
+                raise UserError(f"{p}: no image {stem}.png|jpg|jpeg|tif beside it")
+        if not images:
+            raise UserError(f"{root}: no images ({', '.join(IMAGE_EXTS)}) with .npz labels")
+        self.stems: tuple[str, ...] = tuple(sorted(images))
+        self.image_paths = images
+        self.label_paths = labels
+        has_type = {s: "type" in self._npz_keys(labels[s]) for s in self.stems}
+        if class_names is None and (root / CLASSES_FILE).is_file():
+            class_names = read_classes(root / CLASSES_FILE)
+        if class_names is None:
+            typed = [s for s, t in has_type.items() if t]
+            if typed:
+                raise UserError(f"{labels[typed[0]]}: holds 'type' but {root} has no {CLASSES_FILE}"
+                                " (name the classes: --classes a,b,c)")
+            self.class_names: tuple[str, ...] = (NO_TYPE_CLASS,)
+            self.typed = False
+        else:
+            self.class_names = tuple(class_names)
+            untyped = [s for s, t in has_type.items() if not t]
+            if untyped:
+                raise UserError(f"{labels[untyped[0]]}: no 'type' array, but classes "
+                                f"{', '.join(self.class_names)} are given")
+            self.typed = True
+        self.label_names: tuple[str, ...] = (BACKGROUND,) + self.class_names
+
+    @staticmethod
+    def _npz_keys(path: Path) -> list[str]:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return list(z.files)
+        except Exception as e:
+            raise UserError(f"{path}: not a readable .npz file ({e})") from None
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def image_shape(self, i: int) -> tuple[int, int]:
+        return image_shape(self.image_paths[self.stems[i]])
+
+    def _labels(self, stem: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+        path = self.label_paths[stem]
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if "inst" not in z.files:
+                    raise UserError(f"{path}: no 'inst' array (has {', '.join(z.files) or 'none'})")
+                inst = np.asarray(z["inst"])
+                typ = np.asarray(z["type"]) if self.typed else None
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"{path}: not a readable .npz file ({e})") from None
+        for name, a in (("inst", inst), ("type", typ)):
+            if a is None:
+                continue
+            if a.dtype.kind not in "iu":
+                raise UserError(f"{path}: '{name}' has dtype {a.dtype}, expected integers")
+            if a.shape != shape:
+                raise UserError(f"{path}: '{name}' has shape {a.shape} but the image is {shape}")
+            if a.size and int(a.min()) < 0:
+                raise UserError(f"{path}: '{name}' has negative values")
+        if typ is not None and typ.size and int(typ.max()) > len(self.class_names):
+            raise UserError(f"{path}: class label {int(typ.max())} beyond the "
+                            f"{len(self.class_names)} classes ({', '.join(self.class_names)})")
+        return inst, typ
+
+    def example_with_counts(self, i: int) -> tuple[dict[str, Any], dict[str, int]]:
+        """The prepared example ``i`` and the repairs it needed (FOLDER_RESOLUTION_KEYS)."""
+        stem = self.stems[i]
+        image = read_rgb(self.image_paths[stem])
+        inst, typ = self._labels(stem, image.shape[:2])
+        inst, cls, counts = instances_and_classes(inst, typ, len(self.class_names))
+        example = {"image": image, "inst": inst, "cls": cls, "tissue": np.int32(0), "key": stem}
+        return example, counts
+
+    def example(self, i: int) -> dict[str, Any]:
+        """Prepared example ``i``: image uint8 (H, W, 3), inst int32, cls uint8, tissue 0,
+        key = stem."""
+        return self.example_with_counts(i)[0]
+
+
+def instances_and_classes(inst: np.ndarray, typ: np.ndarray | None, num_classes: int
+                          ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """inst (H, W) any ids + type (H, W) or None -> (inst int32 1..K, cls uint8, repair counts).
+
+    Class of an instance = majority of its labelled (type > 0) pixels, ties -> smaller label;
+    instances without a labelled pixel are dropped. Ids are renumbered in original id order.
+    """
+    inst = inst.astype(np.int64)
+    seq, _, _ = skimage.segmentation.relabel_sequential(inst)
+    k = int(seq.max())
+    counts = dict.fromkeys(FOLDER_RESOLUTION_KEYS, 0)
+    fg = seq > 0
+    if typ is None:
+        labels = np.ones(k + 1, np.int64)
+    else:
+        typ = typ.astype(np.int64)
+        counts["typed_background_pixels"] = int(((typ > 0) & ~fg).sum())
+        hist = np.bincount(seq[fg] * (num_classes + 1) + typ[fg],
+                           minlength=(k + 1) * (num_classes + 1)).reshape(k + 1, num_classes + 1)
+        labelled = hist[:, 1:]
+        labels = np.argmax(labelled, axis=1) + 1  # first maximum = smaller label on ties
+        untyped = labelled.sum(1) == 0
+        untyped[0] = False
+        counts["mixed_type_instances"] = int(((labelled > 0).sum(1) > 1).sum())
+        counts["untyped_instances"] = int(untyped.sum())
+        if untyped.any():
+            seq = np.where(untyped[seq], 0, seq)
+            seq, _, _ = skimage.segmentation.relabel_sequential(seq)
+            labels = labels[~untyped]
+            fg = seq > 0
+    labels[0] = 0
+    ids = np.unique(inst[inst > 0])
+    counts["relabelled_images"] = int(counts["untyped_instances"] > 0
+                                      or not np.array_equal(ids, np.arange(1, len(ids) + 1)))
+    out_inst = seq.astype(np.int32)
+    counts["disconnected_instances"] = count_disconnected(out_inst)
+    cls = labels[out_inst].astype(np.uint8)
+    return out_inst, cls, counts
