@@ -1,0 +1,405 @@
+"""Probabilities -> nucleus instances with a class each (paper §4.3, TSFD_FACTS §5).
+
+The steps of the authors' code (scripts/morphology.py), every threshold and size from
+``cfg.postprocess``, without their denoising check (which can wipe images with few small nuclei):
+
+1. binarise every softmax channel with p > seg_threshold;
+2. per class channel remove 4-connected objects smaller than min_size, then a closing
+   (closing_size square);
+3. argmax over the binary channels, background first (ties -> lowest index; nothing set ->
+   background);
+4. majority class per 8-connected component (PAPER Eq. 16; ties -> smaller class label);
+5. boundary probability > boundary_threshold, thinned to 1 px (``thin``: Guo & Hall's
+   two-subiteration thinning, the authors' ``bwmorph_thin`` = skimage ``thin``, zero padding),
+   boundary pixels -> background;
+6. per class: erosion (erosion_size square), 8-connected labelling, then a grey dilation
+   (dilation_size square) of the label map.
+
+Morphology follows OpenCV's border convention (the image edge neither erodes nor dilates), i.e.
+max / min filters over odd square windows clipped to the image (scipy ``mode='nearest'``). The
+per-class erosion is "the window holds one class only", which is the erosion of every one-hot
+class plane at once. The per-class labels become one instance map: ids run class by class
+(PanNuke channel order), raster order within a class, the order of the official ``binarize``.
+The dilation fills background pixels only (the largest id in the window wins). With the default
+sizes this equals the authors' per-channel result exactly: components of different classes are
+never 8-adjacent after the majority step, so after the erosion any two instances are >= 3 px
+apart and their 1-px dilations never meet.
+
+Images run in parallel on host worker processes (``postprocess_batch``, ``postprocess_stream``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, fields
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import scipy.ndimage as ndi
+
+# In-plane structures for labelling a (C, H, W) stack of class planes independently.
+_PLANE4 = np.zeros((3, 3, 3), bool)
+_PLANE4[1] = ndi.generate_binary_structure(2, 1)
+_PLANE8 = np.zeros((3, 3, 3), bool)
+_PLANE8[1] = True
+_EIGHT = np.ones((3, 3), bool)
+
+
+def _thinning_luts() -> tuple[np.ndarray, np.ndarray]:
+    """Deletion tables of Guo & Hall (1989) over the 8-neighbour code.
+
+    Bit k-1 of the code is neighbour x_k, counter-clockwise from east (x1 E, x2 NE, x3 N, x4 NW,
+    x5 W, x6 SW, x7 S, x8 SE). Delete when G1 (one 8-connected crossing), G2 (2 <= min(n1, n2)
+    <= 3) and G3 (first subiteration) or G3' (second) hold.
+    """
+    code = np.arange(256)
+    x = [None] + [(code >> (k - 1)) & 1 for k in range(1, 9)]
+    X = lambda i: x[(i - 1) % 8 + 1]  # noqa: E731
+    crossings = sum(((X(2 * i - 1) == 0) & ((X(2 * i) == 1) | (X(2 * i + 1) == 1))).astype(int)
+                    for i in range(1, 5))
+    n1 = sum(X(2 * k - 1) | X(2 * k) for k in range(1, 5))
+    n2 = sum(X(2 * k) | X(2 * k + 1) for k in range(1, 5))
+    g12 = (crossings == 1) & (np.minimum(n1, n2) >= 2) & (np.minimum(n1, n2) <= 3)
+    g3 = ((X(2) | X(3) | (1 - X(8))) & X(1)) == 0
+    g3p = ((X(6) | X(7) | (1 - X(4))) & X(5)) == 0
+    return g12 & g3, g12 & g3p
+
+
+_THIN_LUTS = _thinning_luts()
+
+
+def thin(image: np.ndarray) -> np.ndarray:
+    """Thinning to 1-px lines until nothing changes: (H, W) bool -> (H, W) bool.
+
+    Equals ``skimage.morphology.thin`` (and the authors' ``bwmorph_thin``); written with array
+    slices instead of ``ndi.correlate``, about 2.5x faster on 256 px boundary maps.
+    """
+    H, W = image.shape
+    pad = np.zeros((H + 2, W + 2), np.uint8)
+    pad[1:-1, 1:-1] = np.asarray(image, bool)
+    core = pad[1:-1, 1:-1]
+    count = int(core.sum())
+    while True:
+        for lut in _THIN_LUTS:
+            code = (pad[1:-1, 2:] + (pad[:-2, 2:] << 1) + (pad[:-2, 1:-1] << 2)
+                    + (pad[:-2, :-2] << 3) + (pad[1:-1, :-2] << 4) + (pad[2:, :-2] << 5)
+                    + (pad[2:, 1:-1] << 6) + (pad[2:, 2:] << 7))
+            core[lut[code]] = 0
+        new = int(core.sum())
+        if new == count:
+            return core.astype(bool)
+        count = new
+
+
+@dataclass(frozen=True)
+class PostprocessParams:
+    """The ``cfg.postprocess`` values (a plain, picklable copy for worker processes)."""
+    seg_threshold: float = 0.5
+    boundary_threshold: float = 0.5
+    min_size: int = 22
+    closing_size: int = 3
+    erosion_size: int = 3
+    dilation_size: int = 3
+
+    @classmethod
+    def of(cls, cfg_pp: Any) -> "PostprocessParams":
+        """From a ConfigDict, a dict or an instance; missing keys keep the defaults."""
+        if isinstance(cfg_pp, cls):
+            return cfg_pp
+        if cfg_pp is None:
+            return cls()
+        get = cfg_pp.get if hasattr(cfg_pp, "get") else (lambda k, d: getattr(cfg_pp, k, d))
+        params = cls(**{f.name: type(f.default)(get(f.name, f.default)) for f in fields(cls)})
+        for name in ("closing_size", "erosion_size", "dilation_size"):
+            size = int(getattr(params, name))
+            if size > 1 and size % 2 == 0:
+                raise ValueError(f"postprocess.{name} must be odd (or 0/1 = off); got {size}")
+        return params
+
+
+@dataclass
+class Instances:
+    """Post-processed instances of one image.
+
+    inst: (H, W) int32, 0 background, ids 1..K contiguous.
+    classes: (K,) int32 label (1..C) of instance k at index k - 1.
+    class_probs: (K, C + 1) float32 mean softmax over the instance's pixels.
+    """
+    inst: np.ndarray
+    classes: np.ndarray
+    class_probs: np.ndarray
+
+    @property
+    def num_instances(self) -> int:
+        return int(len(self.classes))
+
+    def to_pannuke_layout(self, num_classes: int | None = None) -> np.ndarray:
+        n = self.class_probs.shape[1] - 1 if num_classes is None else num_classes
+        return to_pannuke_layout(self.inst, self.classes, n)
+
+
+def to_pannuke_layout(inst: np.ndarray, classes: np.ndarray, num_classes: int,
+                      dtype=np.float64) -> np.ndarray:
+    """Instance map + class per instance -> (H, W, C + 1) PanNuke layout.
+
+    Channel label-1 holds the ids of that class's instances (the instance ids of ``inst``, unique
+    in the image), the last channel is 1 on background. float64 as PanNuke's masks.npy.
+    """
+    inst = np.asarray(inst)
+    classes = np.asarray(classes, np.int64)
+    lut = np.concatenate([[0], classes])
+    pix_cls = lut[inst]
+    out = np.zeros(inst.shape + (num_classes + 1,), dtype)
+    for c in range(1, num_classes + 1):
+        out[..., c - 1] = np.where(pix_cls == c, inst, 0)
+    out[..., num_classes] = inst == 0
+    return out
+
+
+# ---- the pipeline --------------------------------------------------------------------------------
+
+def _window(x: np.ndarray, size: int, op) -> np.ndarray:
+    """Max (op=np.maximum) or min filter over a size x size window of the last two axes, the
+    image edge neutral (OpenCV's border; = scipy mode='nearest' for odd sizes).
+
+    Repeated 3-wide slice operations: for these small windows several times faster than
+    ``ndi.maximum_filter``.
+    """
+    out = np.array(x, copy=True)
+    for axis in (-2, -1):
+        for _ in range(size // 2):
+            src = out.copy()
+            lo = [slice(None)] * out.ndim
+            hi = [slice(None)] * out.ndim
+            lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+            op(out[tuple(lo)], src[tuple(hi)], out=out[tuple(lo)])
+            op(out[tuple(hi)], src[tuple(lo)], out=out[tuple(hi)])
+    return out
+
+
+def _max(x: np.ndarray, size: int) -> np.ndarray:
+    return _window(x, size, np.maximum)
+
+
+def _min(x: np.ndarray, size: int) -> np.ndarray:
+    return _window(x, size, np.minimum)
+
+
+def semantic_map(seg_prob: np.ndarray, params: PostprocessParams) -> np.ndarray:
+    """Steps 1-4: (H, W, C + 1) softmax -> (H, W) int32 class map, one class per component."""
+    p = np.asarray(seg_prob)
+    C = p.shape[-1] - 1
+    binary = p > params.seg_threshold
+    planes = np.ascontiguousarray(np.moveaxis(binary[..., 1:], -1, 0))  # (C, H, W)
+    if params.min_size > 1:
+        # skimage remove_small_objects(min_size=...) semantics: 4-connected, drop size < min_size.
+        lab, _ = ndi.label(planes, structure=_PLANE4)
+        keep = np.bincount(lab.ravel()) >= params.min_size
+        keep[0] = False
+        planes = keep[lab]
+    if params.closing_size > 1:
+        planes = _min(_max(planes, params.closing_size), params.closing_size)
+    sem = np.zeros(p.shape[:2], np.int64)
+    for c in range(C, 0, -1):  # argmax over binary channels: the lowest set index wins
+        sem[planes[c - 1]] = c
+    sem[binary[..., 0]] = 0
+    # Majority class per 8-connected component (Eq. 16); argmax picks the smaller label on ties.
+    comp, n = ndi.label(sem > 0, structure=_EIGHT)
+    if n:
+        counts = np.bincount((comp * (C + 1) + sem).ravel(), minlength=(n + 1) * (C + 1))
+        counts = counts.reshape(n + 1, C + 1)[:, 1:]
+        majority = np.argmax(counts, axis=1) + 1
+        majority[0] = 0
+        sem = majority[comp]
+    return sem.astype(np.int32)
+
+
+def separate_instances(sem: np.ndarray, boundary: np.ndarray, params: PostprocessParams,
+                       num_classes: int, seg_prob: np.ndarray | None = None) -> Instances:
+    """Step 6 on a class map (H, W) and a thin boundary (H, W) bool -> Instances.
+
+    Without ``seg_prob`` the class probabilities are one-hot of each instance's class.
+    """
+    C = num_classes
+    t = np.where(boundary, 0, sem)
+    if params.erosion_size > 1:
+        # Per-class erosion of the one-hot planes == the window holds a single class value.
+        k = params.erosion_size
+        core = (_min(t, k) == _max(t, k)) & (t > 0)
+    else:
+        core = t > 0
+    ys, xs = np.nonzero(core)
+    if params.erosion_size >= 3:
+        # After the erosion no two classes touch (8-connected), so one labelling is enough;
+        # renumber class by class (raster order within a class, as ``ndi.label`` numbers).
+        lab, K = ndi.label(core, structure=_EIGHT)
+        cls_of = np.zeros(K + 1, np.int64)
+        cls_of[lab[ys, xs]] = t[ys, xs]
+        order = np.argsort(cls_of[1:], kind="stable") + 1
+        relabel = np.zeros(K + 1, np.int32)
+        relabel[order] = np.arange(1, K + 1)
+        inst = relabel[lab]
+    else:
+        planes = np.zeros((C,) + t.shape, bool)
+        planes[t[ys, xs] - 1, ys, xs] = True
+        lab3, K = ndi.label(planes, structure=_PLANE8)  # ids: class by class, raster order
+        inst = lab3.max(axis=0)
+    classes = np.zeros(K + 1, np.int32)
+    classes[inst[ys, xs]] = t[ys, xs]
+    if params.dilation_size > 1 and K:
+        grown = _max(inst, params.dilation_size)
+        inst = np.where(inst > 0, inst, grown)
+    inst = inst.astype(np.int32)
+    area = np.bincount(inst.ravel(), minlength=K + 1)[1:]
+    if seg_prob is None:
+        probs = np.zeros((K, C + 1), np.float32)
+        probs[np.arange(K), classes[1:]] = 1.0
+    else:
+        fg = inst > 0
+        p = np.asarray(seg_prob, np.float64)[fg]                    # (pixels, C + 1)
+        key = ((inst[fg] - 1)[:, None] * (C + 1) + np.arange(C + 1)).ravel()
+        sums = np.bincount(key, weights=p.ravel(), minlength=K * (C + 1)).reshape(K, C + 1)
+        probs = (sums / np.maximum(area, 1)[:, None]).astype(np.float32)
+    return Instances(inst=inst, classes=classes[1:].copy(), class_probs=probs)
+
+
+def postprocess(seg_prob: np.ndarray, boundary_prob: np.ndarray, cfg_pp: Any = None) -> Instances:
+    """One image: softmax (H, W, C + 1), boundary probability (H, W) or (H, W, 1) -> Instances."""
+    params = PostprocessParams.of(cfg_pp)
+    seg_prob = np.asarray(seg_prob)
+    boundary_prob = np.asarray(boundary_prob)
+    if boundary_prob.ndim == 3:
+        boundary_prob = boundary_prob[..., 0]
+    if seg_prob.ndim != 3 or boundary_prob.shape != seg_prob.shape[:2]:
+        raise ValueError(f"expected seg_prob (H, W, C+1) and boundary_prob (H, W); got "
+                         f"{seg_prob.shape} and {boundary_prob.shape}")
+    sem = semantic_map(seg_prob, params)
+    boundary = thin(boundary_prob > params.boundary_threshold)
+    return separate_instances(sem, boundary, params, seg_prob.shape[-1] - 1, seg_prob)
+
+
+def rebuild_tsfd_ground_truth(inst: np.ndarray, cls: np.ndarray, cfg_pp: Any = None,
+                              frame_width: int = 2, num_classes: int | None = None) -> Instances:
+    """Ground truth rebuilt the TSFD authors' way (TSFD_FACTS §6.3), for ``--protocol tsfd``.
+
+    Semantic map + thick instance boundaries (find_boundaries, 4-connectivity, 'thick') + the
+    frame band enclosing nuclei within ``frame_width`` px of the edge, thinned, then the same
+    subtract / erode / label / dilate steps as the predictions. inst (H, W) ids, cls (H, W)
+    labels; ``num_classes`` (default max(cls)) only sizes the one-hot ``class_probs``.
+    """
+    from skimage.segmentation import find_boundaries  # only here: keeps worker start-up light
+
+    params = PostprocessParams.of(cfg_pp)
+    inst = np.asarray(inst)
+    sem = np.where(inst > 0, np.asarray(cls), 0).astype(np.int32)
+    num_classes = max(int(sem.max()), 1) if num_classes is None else num_classes
+    if len(np.unique(sem)) == 1:  # the authors' loader zeroes single-valued masks
+        z = np.zeros(inst.shape, np.int32)
+        return Instances(z, np.zeros(0, np.int32), np.zeros((0, num_classes + 1), np.float32))
+    boundary = find_boundaries(inst, connectivity=1, mode="thick")
+    frame = np.ones(inst.shape, bool)
+    if frame_width > 0:
+        frame[frame_width:-frame_width, frame_width:-frame_width] = False
+        boundary |= frame & (sem > 0)
+    return separate_instances(sem, thin(boundary), params, num_classes)
+
+
+# ---- host parallelism ------------------------------------------------------------------------
+
+def _run_many(seg_probs: np.ndarray, boundary_probs: np.ndarray,
+              params: PostprocessParams) -> list[Instances]:
+    return [postprocess(s, b, params) for s, b in zip(seg_probs, boundary_probs)]
+
+
+def make_executor(workers: int) -> cf.ProcessPoolExecutor | None:
+    """A process pool for post-processing (None for ``workers <= 0``).
+
+    forkserver (spawn where unavailable): forking a process that runs JAX is unsafe.
+    """
+    if workers <= 0:
+        return None
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method))
+
+
+def _run_spilled(folder: str, a: int, b: int, params: PostprocessParams) -> list[Instances]:
+    seg = np.load(os.path.join(folder, "seg.npy"), mmap_mode="r")
+    bdr = np.load(os.path.join(folder, "bdr.npy"), mmap_mode="r")
+    return _run_many(seg[a:b], bdr[a:b], params)
+
+
+class _Pending:
+    """A batch handed to the pool. The arrays go through a memory-backed temporary folder
+    (/dev/shm where present) instead of being pickled into the pipe, which cost more than
+    the post-processing itself."""
+
+    def __init__(self, pool: cf.ProcessPoolExecutor, seg_probs, boundary_probs, params,
+                 workers: int):
+        shm = "/dev/shm"
+        base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+        self.folder = tempfile.mkdtemp(prefix="tsfd-postprocess-", dir=base)
+        try:
+            np.save(os.path.join(self.folder, "seg.npy"), np.asarray(seg_probs))
+            np.save(os.path.join(self.folder, "bdr.npy"), np.asarray(boundary_probs))
+            n = len(seg_probs)
+            step = max(1, -(-n // (4 * workers)))  # several pieces per worker: even load
+            self.futures = [pool.submit(_run_spilled, self.folder, a, min(a + step, n), params)
+                            for a in range(0, n, step)]
+        except BaseException:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+
+    def result(self) -> list[Instances]:
+        try:
+            return [inst for f in self.futures for inst in f.result()]
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def postprocess_batch(seg_probs: np.ndarray, boundary_probs: np.ndarray, cfg_pp: Any = None,
+                      workers: int = 0,
+                      executor: cf.ProcessPoolExecutor | None = None) -> list[Instances]:
+    """(N, H, W, C + 1) softmax and (N, H, W[, 1]) boundary probabilities -> N Instances.
+
+    ``workers`` > 0 splits the images over that many processes, started for this call unless
+    an ``executor`` (``make_executor``) is given; ``postprocess_stream`` keeps them for many
+    batches.
+    """
+    params = PostprocessParams.of(cfg_pp)
+    if workers <= 0 or len(seg_probs) <= 1:
+        return _run_many(seg_probs, boundary_probs, params)
+    if executor is not None:
+        return _Pending(executor, seg_probs, boundary_probs, params, workers).result()
+    with make_executor(workers) as pool:
+        return _Pending(pool, seg_probs, boundary_probs, params, workers).result()
+
+
+def postprocess_stream(batches: Iterable[tuple[np.ndarray, np.ndarray]], cfg_pp: Any = None,
+                       workers: int = 0) -> Iterator[list[Instances]]:
+    """Post-process a stream of (seg_probs, boundary_probs) batches, in order.
+
+    With workers, batch n is handed to the pool before the results of batch n - 1 are
+    yielded, so the caller (the device) computes the next batch while the workers run.
+    """
+    params = PostprocessParams.of(cfg_pp)
+    if workers <= 0:
+        for seg, bdr in batches:
+            yield _run_many(seg, bdr, params)
+        return
+    with make_executor(workers) as pool:
+        pending = None
+        try:
+            for seg, bdr in batches:
+                previous, pending = pending, _Pending(pool, seg, bdr, params, workers)
+                if previous is not None:
+                    yield previous.result()
+            if pending is not None:
+                last, pending = pending, None
+                yield last.result()
+        finally:
+            if pending is not None:  # the caller stopped early: drop the spilled arrays
+                pending.result()
