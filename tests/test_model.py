@@ -1,0 +1,554 @@
+"""TSFD-Net above the backbone: BiFPN / decoder wiring, output block, sizes, switches, summary.
+
+References: float64 numpy written from the formulas of TSFD_FACTS §1.4-§1.8 (BiFPN, decoders,
+output block, TF bilinear with half-pixel centres as an interpolation matrix, TF's transposed
+convolution), and the parameter counts of the authors' Keras model summary (§1.11).
+Full-size models are only traced (``jax.eval_shape``); real forward passes use tiny widths.
+Variables are filled with numpy random numbers instead of running the initialisers, whose
+compilation alone takes tens of seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import authors_code, default, tiny
+from tsfd_jax.errors import UserError
+from tsfd_jax.models.bifpn import BiFPN, FusionNode
+from tsfd_jax.models.decoders import InterlinkedDecoders, UpsamplingBlock
+from tsfd_jax.models.summary import abstract_variables, count_params, xla_flops
+from tsfd_jax.models.tsfd import build_model, input_shape
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = str(ROOT / "configs" / "default.py")
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def random_variables(abstract, seed: int = 0, stats: bool = False) -> dict:
+    """Variables of the given shapes: kernels N(0, 1/fan_in), small biases, BN scale ~1.
+
+    ``stats``: random BN moving statistics too (else mean 0, var 1).
+    """
+    rng = np.random.default_rng(seed)
+
+    def fill(path, a):
+        name = jax.tree_util.keystr(path[-1:])
+        shape = a.shape
+        if "kernel" in name:
+            fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else shape[0]
+            if len(shape) == 4 and shape[2] == 1:  # depthwise (k, k, 1, C)
+                fan_in = shape[0] * shape[1]
+            v = rng.normal(0, 1 / np.sqrt(fan_in), shape)
+        elif "scale" in name:
+            v = rng.uniform(0.7, 1.3, shape)
+        elif "mean" in name:
+            v = rng.normal(0, 0.3, shape) if stats else np.zeros(shape)
+        elif "var" in name:
+            v = rng.uniform(0.5, 1.5, shape) if stats else np.ones(shape)
+        else:
+            v = rng.normal(0, 0.1, shape)
+        return jnp.asarray(v, a.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def swish(x):
+    return x / (1 + np.exp(-x))
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def np_bilinear(x, out_h: int, out_w: int):
+    """TF2 bilinear resize of (H, W, C), half-pixel centres, no antialias, float64."""
+    def matrix(n_in, n_out):
+        src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        lo = np.floor(src).astype(int)
+        hi = np.minimum(lo + 1, n_in - 1)
+        m = np.zeros((n_out, n_in))
+        np.add.at(m, (np.arange(n_out), lo), 1 - (src - lo))
+        np.add.at(m, (np.arange(n_out), hi), src - lo)
+        return m
+    return np.einsum("ah,bw,hwc->abc", matrix(x.shape[0], out_h), matrix(x.shape[1], out_w), x)
+
+
+def up(x):
+    return np_bilinear(x, 2 * x.shape[0], 2 * x.shape[1])
+
+
+def down(x):
+    return np_bilinear(x, x.shape[0] // 2, x.shape[1] // 2)
+
+
+def np_conv_same(x, kernel, bias):
+    """Stride-1 'SAME' conv of (H, W, Cin) by (k, k, Cin, Cout)."""
+    k = kernel.shape[0]
+    h, w, _ = x.shape
+    xp = np.pad(x, ((k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+    out = sum(xp[i:i + h, j:j + w] @ kernel[i, j] for i in range(k) for j in range(k))
+    return out + bias
+
+
+def np_depthwise(x, kernel, bias):
+    k = kernel.shape[0]
+    h, w, _ = x.shape
+    xp = np.pad(x, ((k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+    return sum(xp[i:i + h, j:j + w] * kernel[i, j, 0] for i in range(k) for j in range(k)) + bias
+
+
+def np_conv_transpose_tf(x, kernel, bias):
+    """TF Conv2DTranspose(3x3, stride 2, SAME) of (n, m, Cin) with flax's (3, 3, Cin, Cout) kernel.
+
+    TF: out[2i + a] += x[i] * K[a] (a = 0..2, cropped to 2n), K = the Keras kernel, which is the
+    flax kernel flipped in space with in/out swapped.
+    """
+    n, m, _ = x.shape
+    out = np.zeros((2 * n + 2, 2 * m + 2, kernel.shape[-1]))
+    for a in range(3):
+        for b in range(3):
+            out[a:a + 2 * n:2, b:b + 2 * m:2] += x @ kernel[2 - a, 2 - b]
+    return out[:2 * n, :2 * m] + bias
+
+
+def np_bn(x, p, s):
+    return (x - s["mean"]) / np.sqrt(s["var"] + 1e-3) * p["scale"] + p["bias"]
+
+
+def np_fr(x, p, s):
+    """FR block (TSFD_FACTS §1.4) on one image (H, W, C)."""
+    y = swish(np_bn(np_depthwise(x, p["dwconv"]["kernel"], p["dwconv"]["bias"]), p["bn"], s["bn"]))
+    v = y.mean(axis=(0, 1))
+    v = swish(v @ p["reduce"]["kernel"] + p["reduce"]["bias"])
+    v = sigmoid(v @ p["expand"]["kernel"] + p["expand"]["bias"])
+    return y * v
+
+
+def np_node(xs, p, s):
+    """Fusion node (TSFD_FACTS §1.5) in eval mode: FR per input, sum, dw 3x3, BN, swish."""
+    total = sum(np_fr(x, p[f"fr_{k}"], s[f"fr_{k}"]) for k, x in enumerate(xs))
+    y = np_depthwise(total, p["dwconv"]["kernel"], p["dwconv"]["bias"])
+    return swish(np_bn(y, p["bn"], s["bn"]))
+
+
+def to_np(tree):
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+
+def pyramid(batch: int, c: int, seed: int):
+    """P2..P7 as a stride-4 backbone at 64 px gives them: 16, 8, 4, 4, 2, 2."""
+    rng = np.random.default_rng(seed)
+    return [rng.normal(0, 1, (batch, s, s, c)).astype(np.float32) for s in (16, 8, 4, 4, 2, 2)]
+
+
+def tiny_cfg(**model):
+    cfg = tiny.shrink(default.get_config())
+    for k, v in model.items():
+        setattr(cfg.model, k, v)
+    return cfg
+
+
+_COUNTS: dict[str, dict[str, int]] = {}
+
+
+def counts_of(cfg) -> dict[str, int]:
+    key = cfg.to_json()
+    if key not in _COUNTS:
+        _COUNTS[key] = count_params(abstract_variables(build_model(cfg), input_shape(cfg)))
+    return _COUNTS[key]
+
+
+# ---- wiring against the formulas ----------------------------------------------------------
+
+
+def test_bifpn_matches_the_formulas_of_section_1_6():
+    feats = pyramid(2, 4, seed=0)
+    module = BiFPN(node_dropout=0.2)
+    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), feats, train=False))
+    v = random_variables(abstract, seed=1, stats=True)
+    got = module.apply(v, feats, train=False)
+    prm, st = to_np(v["params"]), to_np(v["batch_stats"])
+    assert sorted(prm) == sorted(["td_p6", "td_p5", "td_p4", "td_p3", "td_p2",
+                                  "out_p3", "out_p4", "out_p5", "out_p6", "out_p7"])
+    for b in range(2):
+        P2, P3, P4, P5, P6, P7 = (np.float64(f[b]) for f in feats)
+
+        def N(name, *xs):
+            return np_node(list(xs), prm[name], st[name])
+        p6td = N("td_p6", P6, P7)
+        p5td = N("td_p5", P5, up(p6td))
+        p4td = N("td_p4", P4, p5td)
+        p3td = N("td_p3", P3, up(p4td))
+        p2out = N("td_p2", P2, up(p3td))
+        p3out = N("out_p3", P3, p3td, down(p2out))
+        p4out = N("out_p4", P4, p4td, down(p3out))
+        p5out = N("out_p5", P5, p5td, p4out)
+        p6out = N("out_p6", P6, p6td, down(p5out))
+        p7out = N("out_p7", P7, p6out)
+        for g, want in zip(got, (p2out, p3out, p4out, p5out, p6out, p7out)):
+            np.testing.assert_allclose(np.asarray(g[b]), want, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("third_term", [False, True])
+def test_decoders_match_the_formulas_of_section_1_7(third_term):
+    feats = pyramid(2, 4, seed=2)
+    module = InterlinkedDecoders(seg_third_term=third_term)
+    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), feats, train=False))
+    v = random_variables(abstract, seed=3, stats=True)
+    seg, bdr = module.apply(v, feats, train=False)
+    prm, st = to_np(v["params"]), to_np(v["batch_stats"])
+    fr = {name: len([k for k in node if k.startswith("fr_")]) for name, node in prm.items()}
+    extra = 1 if third_term else 0
+    assert fr == {"seg_p6": 2, "seg_p5": 2 + extra, "seg_p4": 2 + extra, "seg_p3": 2 + extra,
+                  "seg_p2": 2 + extra, "bdr_p6": 2, "bdr_p5": 3, "bdr_p4": 3, "bdr_p3": 3,
+                  "bdr_p2": 3}
+    for b in range(2):
+        P2, P3, P4, P5, P6, P7 = (np.float64(f[b]) for f in feats)
+
+        def N(name, *xs):
+            return np_node(list(xs), prm[name], st[name])
+
+        def T(x):  # Eq. 3 third term (the upper-level BiFPN map), or nothing
+            return (x,) if third_term else ()
+        S6 = N("seg_p6", P6, P7)
+        S5 = N("seg_p5", P5, up(S6), *T(up(P6)))
+        S4 = N("seg_p4", P4, S5, *T(P5))
+        S3 = N("seg_p3", P3, up(S4), *T(up(P4)))
+        S2 = N("seg_p2", P2, up(S3), *T(up(P3)))
+        I6 = N("bdr_p6", P7, S6)
+        I5 = N("bdr_p5", up(P6), up(I6), S5)
+        I4 = N("bdr_p4", P5, I5, S4)
+        I3 = N("bdr_p3", up(P4), up(I4), S3)
+        I2 = N("bdr_p2", up(P3), up(I3), S2)
+        np.testing.assert_allclose(np.asarray(seg[b]), S2, rtol=2e-4, atol=2e-5)
+        np.testing.assert_allclose(np.asarray(bdr[b]), I2, rtol=2e-4, atol=2e-5)
+
+
+def test_fusion_node_without_fr_is_sum_dwconv_bn_swish():
+    rng = np.random.default_rng(4)
+    xs = [rng.normal(0, 1, (1, 8, 8, 4)).astype(np.float32) for _ in range(3)]
+    module = FusionNode(reweigh=False)
+    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), xs, train=False))
+    assert sorted(abstract["params"]) == ["bn", "dwconv"]  # CFF: no FR parameters
+    v = random_variables(abstract, seed=5, stats=True)
+    got = module.apply(v, xs, train=False)
+    p, s = to_np(v["params"]), to_np(v["batch_stats"])
+    want = swish(np_bn(np_depthwise(sum(np.float64(x[0]) for x in xs), p["dwconv"]["kernel"],
+                                    p["dwconv"]["bias"]), p["bn"], s["bn"]))
+    np.testing.assert_allclose(np.asarray(got[0]), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("features", [6, 1])
+def test_upsampling_block_matches_tf_semantics(features):
+    x = np.random.default_rng(6).normal(0, 1, (2, 5, 4, 3)).astype(np.float32)
+    module = UpsamplingBlock(features)
+    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), x))
+    v = random_variables(abstract, seed=7)
+    got = np.asarray(module.apply(v, x))
+    assert got.shape == (2, 10, 8, features)
+    p = to_np(v["params"])
+    for b in range(2):
+        xb = np.float64(x[b])
+        a = np_conv_same(up(xb), p["conv"]["kernel"], p["conv"]["bias"])
+        t = np_conv_transpose_tf(xb, p["conv_transpose"]["kernel"], p["conv_transpose"]["bias"])
+        want = np_depthwise(swish(a + t), p["dwconv"]["kernel"], p["dwconv"]["bias"])
+        np.testing.assert_allclose(got[b], want, rtol=1e-4, atol=1e-5)
+
+
+# ---- sizes (TSFD_FACTS §1.11) ----------------------------------------------------------------
+
+# Per-block counts derived from the layer formulas: depthwise 3x3 with bias, BN (4 per channel).
+def fr_params(c: int, ratio: int = 8) -> int:
+    h = c // ratio
+    return (9 * c + c) + 4 * c + (c * h + h) + (h * c + c)
+
+
+def node_params(c: int) -> int:
+    return 9 * c + c + 4 * c
+
+
+AUTHORS_PARTS = {
+    # Keras: 17,675,125 including the 13 constants of its unused input Normalization layer.
+    "backbone": 17_675_125 - 13,
+    "gating": 3_495_360,
+    "bifpn_1": 234_080, "bifpn_2": 234_080, "bifpn_3": 234_080,
+    "decoders": 234_080,
+    "heads": 20_244,
+    "classifier": 3_059,
+}
+
+
+def test_block_formulas_agree_with_the_authors_summary():
+    assert fr_params(160) == 8_820 and node_params(160) == 2_240
+    assert 24 * fr_params(160) + 10 * node_params(160) == 234_080
+    assert sum(9 * c * 160 + 160 + 4 * 160 for c in (32, 56, 112, 160, 272, 1792)) == 3_495_360
+    assert (9 * 160 * 6 + 6) * 2 + 60 + (9 * 160 + 1) * 2 + 10 == 20_244
+
+
+def test_authors_code_config_has_the_authors_parameter_count():
+    counts = counts_of(authors_code.get_config())
+    assert counts["total"] == 22_130_095 == 22_130_108 - 13
+    assert {k: v for k, v in counts.items() if k != "total"} == AUTHORS_PARTS
+
+
+def test_paper_default_adds_four_fr_blocks_of_eq3():
+    # S5..S2 get FR(P_bif3_(l+1)); S6 already fuses P7, so 4 (not 5) extra FR blocks.
+    paper, authors = counts_of(default.get_config()), counts_of(authors_code.get_config())
+    assert paper["decoders"] - authors["decoders"] == 4 * fr_params(160) == 35_280
+    assert paper["total"] - authors["total"] == 35_280
+    assert paper["total"] == 22_165_375
+
+
+@pytest.mark.parametrize("third_term", [False, True])
+def test_cff_removes_exactly_the_fr_blocks(third_term):
+    cfg = authors_code.get_config()
+    cfg.model.seg_third_term = third_term
+    with_fr = counts_of(cfg)
+    cfg.model.feature_reweighing = False
+    cff = counts_of(cfg)
+    n_fr = 3 * 24 + 24 + (4 if third_term else 0)
+    assert with_fr["total"] - cff["total"] == n_fr * fr_params(160)
+    assert cff["bifpn_1"] == cff["decoders"] == 10 * node_params(160)
+
+
+def test_other_widths_follow_the_formulas():
+    cfg = authors_code.get_config()
+    cfg.model.gating_channels = 64
+    cfg.model.num_bifpn = 2
+    counts = counts_of(cfg)
+    assert counts["bifpn_1"] == counts["bifpn_2"] == counts["decoders"] == (
+        24 * fr_params(64) + 10 * node_params(64))
+    assert "bifpn_3" not in counts
+
+
+# ---- outputs ---------------------------------------------------------------------------------
+
+
+def traced(model, shape) -> tuple[dict, dict]:
+    """(outputs, variables) as shapes: one trace of init, no computation."""
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    return jax.eval_shape(lambda x: model.init_with_output(rngs, x, train=False),
+                          jax.ShapeDtypeStruct(shape, jnp.float32))
+
+
+@pytest.mark.parametrize("size", [256, 512, 768])
+def test_full_model_output_shapes(size):
+    cfg = default.get_config()
+    out, _ = traced(build_model(cfg), input_shape(cfg, 2, size))
+    assert {k: (o.shape, o.dtype) for k, o in out.items()} == {
+        "seg_logits": ((2, size // 2, size // 2, 6), jnp.float32),
+        "boundary_logits": ((2, size // 2, size // 2, 1), jnp.float32),
+        "tissue_logits": ((2, 19), jnp.float32)}
+
+
+def test_cbb_has_no_tissue_head():
+    cfg = default.get_config()
+    cfg.model.tissue_head = False
+    out, v = traced(build_model(cfg), input_shape(cfg))
+    assert "classifier" not in v["params"]
+    assert sorted(out) == ["boundary_logits", "seg_logits"]
+
+
+@pytest.mark.parametrize("channels,n", [("rgb", 3), ("rgb_he", 5), ("rgb_her", 6)])
+def test_input_channels(channels, n):
+    cfg = tiny_cfg()
+    cfg.input.channels = channels
+    shape = input_shape(cfg, 2, 64)
+    assert shape == (2, 64, 64, n)
+    out, v = traced(build_model(cfg), shape)
+    assert v["params"]["backbone"]["stem_conv"]["kernel"].shape[2] == n
+    assert out["seg_logits"].shape == (2, 32, 32, 6)
+
+
+def _tiny(cfg, size: int, batch: int = 2, seed: int = 0):
+    model = build_model(cfg)
+    shape = input_shape(cfg, batch, size)
+    v = random_variables(abstract_variables(model, shape), seed=seed)
+    x = jnp.asarray(np.random.default_rng(seed).uniform(0, 1, shape), jnp.float32)
+    return model, v, x
+
+
+# Compiling a whole network costs seconds on a CPU (most of it in the random-bit generation of
+# the dropout layers), so the tests share the compiled evaluation of one tiny model at 64 px and
+# use the cheaper 'rbg' generator for dropout rngs.
+@pytest.fixture(scope="module")
+def tiny64():
+    model, v, x = _tiny(tiny_cfg(), 64)
+    evaluate = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    return model, v, x, evaluate, evaluate(v, x)
+
+
+@pytest.mark.parametrize("size", [64, 128, 192])
+def test_tiny_model_outputs_at_half_the_input_size(size, tiny64):
+    if size == 64:  # computed
+        out = tiny64[-1]
+        assert all(bool(jnp.all(jnp.isfinite(o))) for o in out.values())
+    else:  # traced
+        cfg = tiny_cfg()
+        out, _ = traced(build_model(cfg), input_shape(cfg, 2, size))
+    assert out["seg_logits"].shape == (2, size // 2, size // 2, 6)
+    assert out["boundary_logits"].shape == (2, size // 2, size // 2, 1)
+    assert out["tissue_logits"].shape == (2, 19)
+    assert all(o.dtype == jnp.float32 for o in out.values())
+
+
+def test_dropout_and_stochastic_depth_act_only_in_training(tiny64):
+    model, v, x, evaluate, e1 = tiny64
+    train = jax.jit(lambda v, x, r: model.apply(v, x, train=True, rngs={"dropout": r},
+                                                mutable=["batch_stats"])[0])
+    a = train(v, x, jax.random.key(1, impl="rbg"))
+    b = train(v, x, jax.random.key(2, impl="rbg"))
+    for k in ("seg_logits", "boundary_logits", "tissue_logits"):
+        assert float(jnp.max(jnp.abs(a[k] - b[k]))) > 1e-4, k
+        # Training mode also differs from evaluation (batch statistics, dropout).
+        assert float(jnp.max(jnp.abs(a[k] - e1[k]))) > 1e-4, k
+    # Evaluation needs no rng at all and is deterministic.
+    e2 = evaluate(v, x)
+    for k in e1:
+        np.testing.assert_array_equal(np.asarray(e1[k]), np.asarray(e2[k]))
+    # Every rate of the model reaches its layer: the backbone's stochastic depth and the
+    # channel dropouts are built from the config.
+    m = build_model(tiny_cfg(drop_connect_rate=0.0, gating_dropout=0.0, node_dropout=0.0,
+                             classifier_dropout=0.0))
+    jaxpr = jax.make_jaxpr(lambda v, x, r: m.apply(v, x, train=True, rngs={"dropout": r},
+                                                   mutable=["batch_stats"]))(
+        v, x, jax.random.key(0)).jaxpr
+    assert not any("random" in e.primitive.name for e in _walk(jaxpr))
+    jaxpr = jax.make_jaxpr(lambda v, x, r: model.apply(v, x, train=True, rngs={"dropout": r},
+                                                       mutable=["batch_stats"]))(
+        v, x, jax.random.key(0)).jaxpr
+    assert any("random" in e.primitive.name for e in _walk(jaxpr))
+
+
+def test_bfloat16_compute_returns_float32_logits(tiny64):
+    _, v, x, _, ref = tiny64
+    model = build_model(tiny_cfg(dtype="bfloat16"))
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(v))  # params stay float32
+    out = jax.jit(lambda v, x: model.apply(v, x, train=False))(v, x)
+    for k in out:
+        assert out[k].dtype == jnp.float32
+        got, want = np.asarray(out[k]), np.asarray(ref[k])
+        assert np.all(np.isfinite(got))
+        assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.98, k
+
+
+def _walk(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (list, tuple)) else (p,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _walk(inner)
+
+
+def test_resizes_are_exact_x2_ops_not_jax_image_resize(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("jax.image.resize inside the network")
+
+    monkeypatch.setattr(jax.image, "resize", forbidden)
+    monkeypatch.setattr(jax.image, "scale_and_translate", forbidden)
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    shape = input_shape(cfg, 2, 64)
+    v = abstract_variables(model, shape)
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(
+        v, jax.ShapeDtypeStruct(shape, jnp.float32)).jaxpr
+    dots = [e for e in _walk(jaxpr) if e.primitive.name == "dot_general"]
+    # Only the dense layers (FR squeeze-excite, classifier) multiply matrices: (B, C) operands.
+    assert dots and all(var.aval.ndim == 2 for e in dots for var in e.invars)
+
+
+def test_tiny_taps_follow_the_depth():
+    cfg = tiny_cfg()
+    assert build_model(cfg).taps == ("block2a", "block3a", "block4a", "block5a", "block6a", "top")
+    assert build_model(default.get_config()).taps == tuple(default.get_config().model.taps)
+
+
+def test_build_model_rejects_bad_settings():
+    cfg = tiny_cfg(dtype="float16")
+    with pytest.raises(ValueError, match="model.dtype"):
+        build_model(cfg)
+    cfg = tiny_cfg()
+    cfg.data.tissue_names = ()
+    with pytest.raises(ValueError, match="tissue_head"):
+        build_model(cfg)
+    cfg.model.tissue_head = False
+    assert build_model(cfg).tissue_head is False
+
+
+# ---- FLOPs and the summary command --------------------------------------------------------
+
+
+def test_xla_flops_scale_with_pixels_and_backward_costs_more():
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    v = abstract_variables(model, input_shape(cfg, 1, 64))
+    f64 = xla_flops(model, v, input_shape(cfg, 1, 64))
+    f128 = xla_flops(model, v, input_shape(cfg, 1, 128))
+    both = xla_flops(model, v, input_shape(cfg, 1, 64), backward=True)
+    # All but the GAP/dense layers scale with H*W (SAME-padding taps, excluded, weigh more
+    # on the 2x2 maps of a 64 px input).
+    assert 3.8 < f128 / f64 < 4.3
+    assert 2.0 < both / f64 < 4.0
+
+
+def test_summary_command_prints_parts_and_flops(capsys):
+    from tsfd_jax.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["summary", "--config", str(ROOT / "configs" / "tiny.py"),
+              "--config.model.num_bifpn=2",
+              "--size", "64"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for part in ("backbone", "gating", "bifpn_1", "bifpn_2", "decoders", "heads",
+                 "classifier", "total"):
+        assert f"\n{part} " in text
+    assert "GFLOPs" in text and "at 64x64" in text
+
+
+# ---- config loading -------------------------------------------------------------------------
+
+
+def test_load_config_applies_typed_overrides():
+    from tsfd_jax.configs_cli import load_config
+
+    cfg = load_config(DEFAULT + ":fold2", [
+        "--config.model.num_bifpn=2", "--config.model.seg_third_term", "False",
+        "--config.data.root=/data/123", "--config.optim.lr=1", "--config.model.taps=['a', 'b']",
+        "--config.data.image_size", "128"])
+    assert cfg.data.train_split == "fold2"
+    assert cfg.model.num_bifpn == 2 and cfg.model.seg_third_term is False
+    assert cfg.data.root == "/data/123"
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.model.taps == ("a", "b")
+    assert cfg.data.image_size == 128
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.model.num_bifpn=two"], "expected int"),
+    (["--config.model.num_bifpm=2"], "did you mean num_bifpn"),
+    (["--config.modle.num_bifpn=2"], "no field 'modle'"),
+    (["--config.model.tissue_head=1"], "expected bool"),
+])
+def test_load_config_rejects_bad_overrides(args, message):
+    from tsfd_jax.configs_cli import load_config
+
+    with pytest.raises(UserError, match=message):
+        load_config(DEFAULT, args)
+
+
+def test_load_config_rejects_missing_files_and_variants(tmp_path):
+    from tsfd_jax.configs_cli import load_config
+
+    with pytest.raises(UserError, match="not found"):
+        load_config(str(tmp_path / "nope.py"))
+    with pytest.raises(UserError, match="unknown variant"):
+        load_config(DEFAULT + ":fold9")

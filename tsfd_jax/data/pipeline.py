@@ -1,0 +1,233 @@
+"""Host input pipelines (grain): shuffled, repeated, per-process training batches; ordered,
+padded evaluation batches; host-local batches -> global sharded ``jax.Array``.
+
+This is the host half of the data flow of DESIGN §1 (files -> prepared records -> grain on the
+host -> device). Everything here is numpy: augmentation, stain channels and targets run later on
+the device (``tsfd_jax.ops.preprocess``). Host batches (DESIGN §3):
+
+  image (B, H, W, 3) uint8 RGB     inst (B, H, W) int32     cls (B, H, W) uint8
+  tissue (B,) int32                index (B,) int32 (position in the source; -1 for padding)
+  valid (B,) bool (False for padding examples)
+  key: list of B str (evaluation batches only; host side, never sent to the device)
+
+B is the per-process batch: the global batch divided by the number of processes. Each process
+reads only its own shard of the source (multi-host, DESIGN §5) and ``to_global`` assembles the
+process-local batches into one global array sharded over the mesh axis ``data``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import grain
+import numpy as np
+
+# Per-example fields that travel to the device, with their host dtypes. ``key`` (str) does not
+# batch into a device array, so training batches carry ``index`` instead to trace examples.
+_ARRAY_FIELDS = {"image": np.uint8, "inst": np.int32, "cls": np.uint8, "tissue": np.int32}
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax  # lazily: grain worker processes unpickle this module and need no jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} outside 0..{process_count - 1}")
+    return process_index, process_count
+
+
+def _per_process_batch(batch_size: int, process_count: int, what: str) -> int:
+    if batch_size < 1:
+        raise ValueError(f"{what} must be positive, got {batch_size}")
+    if batch_size % process_count:
+        raise ValueError(
+            f"{what} {batch_size} is not divisible by the number of processes {process_count}; "
+            "every process must read the same number of examples per step")
+    return batch_size // process_count
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """grain's worker start-up reads absl flags; outside ``absl.app.run`` they are unparsed and
+    grain fails with UnparsedFlagAccessError. Marking them parsed keeps the defaults."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _element(example: Mapping[str, Any], index: int, valid: bool) -> dict[str, Any]:
+    """One prepared example -> one host batch element (fixed dtypes, ``key`` dropped)."""
+    out = {k: np.asarray(example[k], dtype=t) for k, t in _ARRAY_FIELDS.items()}
+    out["index"] = np.int32(index)
+    out["valid"] = np.bool_(valid)
+    return out
+
+
+class _IndexedSource:
+    """Random-access source returning ``(position, example)`` so training batches can carry the
+    example's position after shuffling. Top-level and picklable for grain worker processes."""
+
+    def __init__(self, source: Any):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return int(i), self.source[int(i)]
+
+    def __repr__(self) -> str:
+        return f"_IndexedSource({self.source!r})"
+
+
+class _ToTrainElement(grain.transforms.Map):
+    """(position, prepared example) -> host batch element; every training example is valid."""
+
+    def map(self, item: tuple[int, Mapping[str, Any]]) -> dict[str, Any]:
+        i, example = item
+        return _element(example, i, True)
+
+
+def train_iterator(source: Any, global_batch_size: int, seed: int, num_workers: int = 0,
+                   prefetch: int = 2, process_index: int | None = None,
+                   process_count: int | None = None) -> grain.DatasetIterator:
+    """Endless, shuffled training batches of this process's shard (checkpointable iterator).
+
+    ``source``: random access (``__len__``, ``__getitem__`` -> prepared example dict), picklable
+    when ``num_workers > 0``. Process ``p`` of ``n`` reads the strided shard ``source[p::n]``
+    (shards are disjoint and together cover the source; they differ in length by at most one).
+    The shard is shuffled with ``seed`` and reshuffled each epoch; batches run across epoch
+    boundaries, so no example is ever dropped. Yields dicts of (global_batch_size // n, ...) numpy
+    arrays (module docstring; ``valid`` all True, no ``key``).
+
+    The same seed gives the same batches with any ``num_workers``. The iterator's
+    ``get_state()``/``set_state()`` resume it exactly; for orbax use
+    ``grain.checkpoint.CheckpointSave(it)`` / ``CheckpointRestore(fresh_it)`` with
+    ``grain.checkpoint.CheckpointHandler()`` (states are per process: resume with the same
+    process count). Call ``it.close()`` when done with workers.
+    """
+    p, n = _process(process_index, process_count)
+    local_batch = _per_process_batch(global_batch_size, n, "global batch size")
+    if len(source) == 0:
+        raise ValueError("the training source is empty")
+    if num_workers < 0 or prefetch < 0:
+        raise ValueError(f"num_workers ({num_workers}) and prefetch ({prefetch}) must be >= 0")
+    ds = grain.MapDataset.source(_IndexedSource(source))
+    ds = ds[p::n]
+    if len(ds) < local_batch:
+        raise ValueError(
+            f"process {p} of {n} holds {len(ds)} training examples of {len(source)}, fewer than "
+            f"one per-process batch of {local_batch}; use a smaller global batch or more data")
+    ds = ds.seed(seed).shuffle()
+    ds = ds.repeat(None)  # reshuffles each epoch (reseed_each_epoch)
+    ds = ds.map(_ToTrainElement())
+    ds = ds.batch(local_batch, drop_remainder=True)
+    # Each read is a whole batch; `prefetch` threads keep `prefetch` batches ready.
+    read = grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)
+    it_ds = ds.to_iter_dataset(read)
+    if num_workers > 0:
+        _ensure_absl_flags_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=num_workers, per_worker_buffer_size=max(1, prefetch)))
+    return iter(it_ds)
+
+
+def eval_shard(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """Contiguous, balanced evaluation shard ``[start, stop)`` of process ``p`` of ``n``: sizes
+    differ by at most one, and concatenating the shards in process order gives the source order."""
+    return (process_index * num_examples // process_count,
+            (process_index + 1) * num_examples // process_count)
+
+
+class _EvalBatch:
+    """Batch number -> padded evaluation batch of the shard ``[start, stop)``. Padding repeats
+    the shard's (or source's) first example with ``valid`` False, ``index`` -1 and key '' (a copy
+    keeps every value finite downstream, unlike an all-zero image)."""
+
+    def __init__(self, source: Any, start: int, stop: int, batch_size: int):
+        self.source, self.start, self.stop, self.batch_size = source, start, stop, batch_size
+
+    def __call__(self, b: int) -> dict[str, Any]:
+        first = self.start + b * self.batch_size
+        positions = range(first, min(first + self.batch_size, self.stop))
+        examples = [self.source[i] for i in positions]
+        elements = [_element(e, i, True) for e, i in zip(examples, positions)]
+        keys = [str(e["key"]) for e in examples]
+        if len(elements) < self.batch_size:
+            # A batch past the end of the shard (or an empty shard) copies the source's first.
+            pad = examples[0] if examples else self.source[0]
+            elements += [_element(pad, -1, False)] * (self.batch_size - len(elements))
+            keys += [""] * (self.batch_size - len(keys))
+        try:
+            batch = {k: np.stack([e[k] for e in elements]) for k in elements[0]}
+        except ValueError as err:
+            raise ValueError(f"examples {keys} cannot be batched together: {err}") from None
+        batch["key"] = keys
+        return batch
+
+
+def eval_batches(source: Any, batch_size: int, process_index: int | None = None,
+                 process_count: int | None = None, num_workers: int = 0) -> Iterator[dict]:
+    """Every example of this process's shard once, in source order, in padded batches.
+
+    ``batch_size`` is global, like ``train_iterator``'s: each of the ``n`` processes yields
+    batches of ``batch_size // n``. Process ``p`` reads the contiguous shard ``eval_shard(...)``.
+    The last partial batch is padded (``valid`` False, ``index`` -1, ``key`` ''), and every process
+    yields the same number of batches (fully invalid ones where its shard is shorter), so a
+    multi-host jitted eval step runs the same number of times everywhere. Yields dicts of numpy
+    arrays (module docstring) plus ``key`` (list of str).
+    """
+    p, n = _process(process_index, process_count)
+    local_batch = _per_process_batch(batch_size, n, "eval batch size")
+    if len(source) == 0:
+        raise ValueError("the evaluation source is empty")
+    start, stop = eval_shard(len(source), p, n)
+    longest = max(b - a for a, b in (eval_shard(len(source), q, n) for q in range(n)))
+    num_batches = -(-longest // local_batch)
+    make = _EvalBatch(source, start, stop, local_batch)
+    if num_workers <= 0:
+        return (make(b) for b in range(num_batches))
+    _ensure_absl_flags_parsed()
+    ds = grain.MapDataset.range(num_batches).map(make)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    return _owned(iter(it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))))
+
+
+def _owned(it: grain.DatasetIterator) -> Iterator[dict]:
+    """Worker batches as plain arrays (copied out of grain's shared memory, which is then freed
+    at once rather than at interpreter exit); the workers stop when the batches run out."""
+    try:
+        for batch in it:
+            yield {k: v if k == "key" else np.array(v) for k, v in batch.items()}
+    finally:
+        it.close()
+
+
+def to_global(batch: Mapping[str, Any], mesh: Any, axis: str = "data") -> dict[str, Any]:
+    """Host-local numpy batch -> dict of global ``jax.Array`` sharded ``P(axis)`` on ``mesh``.
+
+    Each process passes its own (B_local, ...) arrays; the global batch is their concatenation in
+    process order, (B_local * process_count, ...). Non-array entries (``key``, strings) stay on
+    the host and are dropped. With one process this is a sharded ``device_put``.
+    """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(mesh, PartitionSpec(axis))
+    out = {}
+    for name, value in batch.items():
+        if isinstance(value, (list, tuple, str)):
+            continue
+        value = np.asarray(value)
+        if value.dtype.kind in "USO":
+            continue
+        global_rows = value.shape[0] * jax.process_count()
+        if global_rows % mesh.shape[axis]:
+            raise ValueError(
+                f"batch field {name!r}: global batch {global_rows} is not divisible by the "
+                f"{mesh.shape[axis]} devices of mesh axis {axis!r}")
+        out[name] = jax.make_array_from_process_local_data(sharding, value)
+    return out

@@ -1,0 +1,150 @@
+"""TSFD-Net assembled from the config: FDB (with tissue classifier) or CBB (PAPER §3, Fig. 2).
+
+FDB = feature distillation block (encoder + BiFPNs + decoders + tissue classifier, TC);
+CBB = the same network without the TC head (Table 4). Data flow (TSFD_FACTS §1):
+
+    x (B, S, S, n_ch) in [0, 1]
+    -> EfficientNet ("backbone"), taps P2..P7 (strides 4, 8, 16, 16, 32, 32)
+    -> gating blocks ("gating"), every level to C_GB channels
+    -> num_bifpn BiFPNs ("bifpn_1", ...)
+    -> interlinked decoders ("decoders") -> S2, I2 (stride 4)
+    -> output blocks ("seg_head", "boundary_head") -> logits at stride 2
+    TC: GAP over the gated P7 -> Dropout(0.3) -> Dense(T) ("classifier"), logits.
+
+Outputs (float32 whatever the compute dtype): ``seg_logits`` (B, S/2, S/2, L) with L = number
+of labels including background, ``boundary_logits`` (B, S/2, S/2, 1), and ``tissue_logits``
+(B, T) for FDB only. The network takes inputs already divided by 255 (Keras' EfficientNet
+rescales inside; its Normalization layer is never adapted in TSFD, TSFD_FACTS §1.1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tsfd_jax.models.bifpn import BiFPN, GatingBlock, glorot_uniform, level_name
+from tsfd_jax.models.decoders import InterlinkedDecoders, UpsamplingBlock
+from tsfd_jax.models.efficientnet import (DEFAULT_TAPS, EfficientNet, efficientnet_config,
+                                          stage_end_taps)
+
+INPUT_CHANNELS = {"rgb": 3, "rgb_he": 5, "rgb_her": 6}  # Table 5 input variants
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class Gating(nn.Module):
+    """One ``GatingBlock`` per pyramid level (submodules ``p2``..``p7``)."""
+
+    features: int = 160
+    dropout_rate: float = 0.2
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, feats: list[jax.Array], train: bool) -> list[jax.Array]:
+        return [GatingBlock(self.features, self.dropout_rate, self.dtype, self.bn_axis_name,
+                            name=level_name(i))(x, train) for i, x in enumerate(feats)]
+
+
+class TSFDNet(nn.Module):
+    """TSFD-Net. ``__call__(x (B, S, S, n_ch), train) -> dict`` of logits (see module doc)."""
+
+    width_mult: float = 1.4
+    depth_mult: float = 1.8
+    drop_connect_rate: float = 0.2
+    taps: tuple[str, ...] = DEFAULT_TAPS
+    gating_channels: int = 160
+    gating_dropout: float = 0.2
+    num_bifpn: int = 3
+    feature_reweighing: bool = True   # CWFF; False = CFF ablation
+    se_ratio: int = 8
+    node_dropout: float = 0.2
+    seg_third_term: bool = True       # PAPER Eq. 3; False = authors' code
+    num_labels: int = 6               # segmentation classes including background
+    num_tissues: int = 19
+    tissue_head: bool = True          # FDB; False = CBB
+    classifier_dropout: float = 0.3
+    dtype: Any = jnp.float32          # compute dtype; parameters stay float32
+    bn_axis_name: str | None = None   # only inside shard_map/pmap (JAX_NOTES §2a)
+    depthwise_impl: str = "auto"      # layers.DepthwiseConv2D: auto | shift | conv
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
+        kw = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+        dw = dict(kw, depthwise_impl=self.depthwise_impl)
+        feats = EfficientNet(self.width_mult, self.depth_mult, self.drop_connect_rate,
+                             tuple(self.taps), name="backbone", **dw)(x, train)
+        p = [feats[t] for t in self.taps]
+        p = Gating(self.gating_channels, self.gating_dropout, name="gating", **kw)(p, train)
+        gated_top = p[-1]
+        for k in range(self.num_bifpn):
+            p = BiFPN(reweigh=self.feature_reweighing, se_ratio=self.se_ratio,
+                      node_dropout=self.node_dropout, name=f"bifpn_{k + 1}", **dw)(p, train)
+        seg, bdr = InterlinkedDecoders(reweigh=self.feature_reweighing, se_ratio=self.se_ratio,
+                                       seg_third_term=self.seg_third_term, name="decoders",
+                                       **dw)(p, train)
+        head = dict(dtype=self.dtype, depthwise_impl=self.depthwise_impl)
+        out = {
+            "seg_logits": UpsamplingBlock(self.num_labels, name="seg_head", **head)(seg),
+            "boundary_logits": UpsamplingBlock(1, name="boundary_head", **head)(bdr),
+        }
+        if self.tissue_head:
+            # TC on the gated P7 (TSFD_FACTS §1.9); the softmax lives in the loss.
+            v = jnp.mean(gated_top.astype(jnp.float32), axis=(1, 2))
+            v = nn.Dropout(self.classifier_dropout, deterministic=not train)(v)
+            out["tissue_logits"] = nn.Dense(self.num_tissues, kernel_init=glorot_uniform,
+                                            dtype=self.dtype, param_dtype=jnp.float32,
+                                            name="classifier")(v)
+        return {k: v.astype(jnp.float32) for k, v in out.items()}
+
+
+def input_channels(cfg) -> int:
+    """Number of input channels of ``cfg.input.channels`` (rgb 3, rgb_he 5, rgb_her 6)."""
+    name = str(cfg.input.channels)
+    if name not in INPUT_CHANNELS:
+        raise ValueError(f"input.channels must be one of {sorted(INPUT_CHANNELS)}, got {name!r}")
+    return INPUT_CHANNELS[name]
+
+
+def input_shape(cfg, batch: int = 1, size: int | None = None) -> tuple[int, int, int, int]:
+    """(B, S, S, n_ch) of the network input of a config (S = input.size unless given)."""
+    s = int(size or cfg.input.size)
+    return (batch, s, s, input_channels(cfg))
+
+
+def backbone_scaling(cfg) -> tuple[float, float]:
+    """(width_mult, depth_mult): the B-variant's, each overridden where the config's is non-zero."""
+    width, depth = efficientnet_config(str(cfg.model.backbone))
+    return (float(cfg.model.width_mult) or width, float(cfg.model.depth_mult) or depth)
+
+
+def build_model(cfg) -> TSFDNet:
+    """TSFDNet from a config tree (``cfg.model``, ``cfg.data`` label/tissue names).
+
+    Taps: the B4 names of ``configs/default.py`` (or an empty tuple) mean "the last block of
+    stages 2..6 and the top" at the configured depth (B4: block2d..block6h, top), so width/depth
+    overrides keep the same pyramid; any other tuple is used as given.
+    """
+    m = cfg.model
+    width, depth = backbone_scaling(cfg)
+    taps = tuple(m.taps)
+    if not taps or taps == DEFAULT_TAPS:
+        taps = stage_end_taps(width, depth)
+    dtype = str(m.dtype)
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    num_tissues = len(cfg.data.tissue_names)
+    if m.tissue_head and num_tissues < 2:
+        raise ValueError("model.tissue_head needs at least 2 data.tissue_names "
+                         f"(got {num_tissues}); set model.tissue_head=False (CBB) instead")
+    return TSFDNet(
+        width_mult=width, depth_mult=depth, drop_connect_rate=float(m.drop_connect_rate),
+        taps=taps, gating_channels=int(m.gating_channels),
+        gating_dropout=float(m.gating_dropout), num_bifpn=int(m.num_bifpn),
+        feature_reweighing=bool(m.feature_reweighing), se_ratio=int(m.se_ratio),
+        node_dropout=float(m.node_dropout), seg_third_term=bool(m.seg_third_term),
+        num_labels=len(cfg.data.label_names), num_tissues=num_tissues,
+        tissue_head=bool(m.tissue_head), classifier_dropout=float(m.classifier_dropout),
+        dtype=DTYPES[dtype])
