@@ -31,9 +31,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.train_split = "fold1"       # prepared split names; '+' joins several ("fold1+fold2")
     d.val_split = "fold2"
     d.test_split = "fold3"
+    d.val_fraction = 0.0          # folders source: share of source images held out as 'val'
     d.label_names = LABEL_NAMES   # project label order: 0 background, PanNuke channel + 1
     d.tissue_names = PANNUKE_TISSUES
     d.image_size = 256            # label resolution (PanNuke patch size)
+    d.mpp = 0.25                  # micrometres per pixel of the training data (PanNuke 40x)
     d.global_batch_size = 16      # PAPER §4.4
     d.eval_batch_size = 16
     d.num_workers = 2             # grain worker processes (0 = in-process)

@@ -45,7 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # ml_collections style overrides (--config.a.b=value) go to commands that load a config.
+    overrides = [a for a in extra if a.startswith("--config.")]
+    unknown = [a for i, a in enumerate(extra) if not a.startswith("--config.")
+               and not (i > 0 and extra[i - 1].startswith("--config.") and "=" not in extra[i - 1])]
+    if unknown or (overrides and not hasattr(args, "config")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    args.config_overrides = extra if overrides else []
     try:
         code = importlib.import_module(args._module).run(args)
     except UserError as e:

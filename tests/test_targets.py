@@ -1,0 +1,95 @@
+"""Targets (tsfd_jax.ops.targets) against skimage find_boundaries and the authors' enclosing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.ndimage as ndi
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from skimage.segmentation import find_boundaries
+
+from tsfd_jax.ops.targets import (boundaries, boundary_target, content_edge_band, frame_band,
+                                  semantic_onehot)
+
+_boundaries = jax.jit(boundaries)
+
+
+def authors_frame(h, w, width=2):
+    """TSFD_FACTS §3.4: ones with the interior [2:-2, 2:-2] zeroed."""
+    f = np.ones((h, w), bool)
+    f[width:h - width, width:w - width] = False
+    return f
+
+
+def test_semantic_onehot_matches_eye():
+    cls = np.random.default_rng(0).integers(0, 6, (2, 5, 7))
+    np.testing.assert_array_equal(np.asarray(semantic_onehot(cls, 6)), np.eye(6)[cls])
+
+
+@settings(max_examples=30, deadline=None)
+@given(arrays(np.int32, st.tuples(st.integers(1, 12), st.integers(1, 12)),
+              elements=st.integers(0, 4)))
+def test_boundaries_equal_skimage_on_random_maps(inst):
+    ref = find_boundaries(inst, connectivity=1, mode="thick")
+    np.testing.assert_array_equal(np.asarray(boundaries(jnp.asarray(inst))), ref)
+
+
+def test_boundaries_equal_skimage_on_real_maps(shared_data):
+    files = sorted((shared_data / "consep" / "train").glob("*.npz"))[:6]
+    files += sorted((shared_data / "nucls").glob("*/*.npz"))
+    assert len(files) >= 10
+    for f in files:
+        inst = np.load(f, allow_pickle=False)["inst"].astype(np.int32)
+        ref = find_boundaries(inst, connectivity=1, mode="thick")
+        np.testing.assert_array_equal(np.asarray(_boundaries(inst)), ref, err_msg=str(f))
+
+
+def test_boundaries_batched():
+    inst = np.random.default_rng(1).integers(0, 3, (3, 9, 11))
+    out = np.asarray(boundaries(jnp.asarray(inst)))
+    for i in range(3):
+        np.testing.assert_array_equal(out[i], find_boundaries(inst[i], connectivity=1, mode="thick"))
+
+
+def test_frame_band_is_the_authors_frame():
+    for h, w, width in ((256, 256, 2), (10, 13, 2), (8, 8, 3)):
+        np.testing.assert_array_equal(np.asarray(frame_band(h, w, width)), authors_frame(h, w, width))
+        # An all-ones content mask gives the same band.
+        np.testing.assert_array_equal(np.asarray(content_edge_band(jnp.ones((h, w)), width)),
+                                      authors_frame(h, w, width))
+
+
+def test_nucleus_touching_the_edge_is_enclosed():
+    inst = np.zeros((32, 32), np.int32)
+    inst[0:8, 10:18] = 1           # touches the top edge
+    inst[12:22, 12:22] = 2         # interior nucleus
+    cls = (inst > 0).astype(np.int32) * 3
+    b = np.asarray(boundary_target(inst, cls)).astype(bool)
+    thick = find_boundaries(inst, connectivity=1, mode="thick")
+    np.testing.assert_array_equal(b, thick | (authors_frame(32, 32) & (inst > 0)))
+    # The cut side of nucleus 1 is boundary in the 2-px band and nowhere deeper.
+    assert b[0:2, 10:18].all()
+    assert not b[2:6, 12:16].any()
+    # The interior nucleus is untouched by the frame.
+    assert not b[14:20, 14:20].any()
+
+
+def test_content_edge_encloses_nuclei_cut_by_the_warped_edge():
+    rng = np.random.default_rng(2)
+    inst = np.zeros((40, 40), np.int32)
+    inst[5:15, 20:32] = 1
+    inst[25:35, 5:15] = 2
+    content = np.ones((40, 40), bool)
+    content[:, 26:] = False        # content cut through nucleus 1
+    inst[~content] = 0
+    cls = np.where(inst > 0, rng.integers(1, 6), 0)
+    raw = np.asarray(boundary_target(inst, cls, jnp.asarray(content), 2))
+    assert raw.dtype == np.float32 and set(np.unique(raw)) <= {0.0, 1.0}
+    out = raw.astype(bool)
+    # Reference: thick | ((frame | content pixels within 2 px of non-content) & nucleus).
+    near = ndi.binary_dilation(~content, np.ones((5, 5), bool), border_value=1)
+    band = authors_frame(40, 40) | (near & content)
+    ref = find_boundaries(inst, connectivity=1, mode="thick") | (band & (inst > 0))
+    np.testing.assert_array_equal(out, ref)
+    assert out[5:15, 24:26].all()  # the cut side of nucleus 1 is a 2-px boundary

@@ -1,0 +1,129 @@
+"""Training step and optimiser: sharded == unsharded, global BN statistics, schedule, overfit."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.train_utils import disc_batch, tiny_config
+from tsfd_jax import parallel
+from tsfd_jax.data.pipeline import to_global
+from tsfd_jax.models.tsfd import build_model
+from tsfd_jax.ops.preprocess import make_preprocess_fn
+from tsfd_jax.train import (TrainState, init_state, kernel_mask, make_optimizer, make_schedule,
+                            make_train_step)
+
+
+_VARIABLES: dict = {}
+
+
+def _fresh_state(cfg, model, tx, repl):
+    """Initial state; variables are initialised once per model structure (init compiles slowly
+    on a CPU) and the optimiser state is rebuilt for each optimiser."""
+    key = (cfg.model.to_json(), cfg.input.to_json(), tuple(cfg.data.label_names))
+    if key not in _VARIABLES:
+        state = init_state(cfg, model, tx, jax.random.key(0), repl)
+        _VARIABLES[key] = jax.device_get((state.params, state.batch_stats))
+    params, batch_stats = _VARIABLES[key]
+    state = TrainState(step=np.zeros((), np.int32), params=params, batch_stats=batch_stats,
+                       opt_state=tx.init(params), rng=jax.random.key(1))
+    return jax.device_put(state, repl)
+
+
+def _run_steps(cfg, devices, batches):
+    mesh = parallel.make_mesh(("data",), devices)
+    repl = parallel.replicated(mesh)
+    model = build_model(cfg)
+    tx = make_optimizer(cfg)
+    state = _fresh_state(cfg, model, tx, repl)
+    step = jax.jit(make_train_step(cfg, model, tx, make_preprocess_fn(cfg)),
+                   in_shardings=(repl, parallel.batch_sharded(mesh)), out_shardings=(repl, repl),
+                   donate_argnums=(0,))
+    history = []
+    for b in batches:
+        state, metrics = step(state, to_global(b, mesh))
+        history.append(metrics)
+    history = jax.device_get(history)
+    return jax.device_get(state), history[-1], history
+
+
+def _rel_close(a, b, tol):
+    """max |a - b| over the whole tree, relative to max |b| over the whole tree."""
+    diff = max(float(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max())
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    scale = max(float(np.abs(np.asarray(y, np.float64)).max()) for y in jax.tree.leaves(b))
+    assert diff / scale < tol, (diff, scale)
+
+
+def test_sharded_step_equals_single_device_and_bn_is_global():
+    """One step on 4 devices == the same step on 1 device, with the two halves of the batch (on
+    different devices) deliberately given very different statistics: per-device BatchNorm
+    statistics would make the 4-device batch_stats (and everything after them) differ."""
+    cfg = tiny_config(batch=8)
+    cfg.augment.enabled = True
+    batches = [disc_batch(8, 32, seed=0, dark_half=True)]
+    four, m4, _ = _run_steps(cfg, jax.devices()[:4], batches)
+    one, m1, _ = _run_steps(cfg, jax.devices()[:1], batches)
+    assert len(jax.devices()) == 4
+    _rel_close(four.params, one.params, 1e-5)
+    _rel_close(four.batch_stats, one.batch_stats, 1e-5)
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5)
+    # The step moved the running statistics (so the comparison above is not vacuous).
+    start = _VARIABLES[next(iter(_VARIABLES))][1]
+    moved = max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
+                for x, y in zip(jax.tree.leaves(one.batch_stats), jax.tree.leaves(start)))
+    assert moved > 1e-4
+
+
+def test_schedule_warmup_then_cosine_to_zero():
+    cfg = tiny_config()
+    cfg.total_steps, cfg.optim.warmup_steps, cfg.optim.lr = 100, 10, 0.16
+    s = make_schedule(cfg)
+    assert float(s(0)) == 0.0
+    np.testing.assert_allclose(float(s(5)), 0.08, rtol=1e-6)
+    np.testing.assert_allclose(float(s(10)), 0.16, rtol=1e-6)
+    np.testing.assert_allclose(float(s(55)), 0.08, rtol=1e-5)  # half-way down the cosine
+    assert abs(float(s(100))) < 1e-9
+
+
+def test_weight_decay_only_on_kernels():
+    params = {"conv": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)},
+              "bn": {"scale": jnp.ones(3), "bias": jnp.ones(3)}}
+    mask = kernel_mask(params)
+    assert mask == {"conv": {"kernel": True, "bias": False}, "bn": {"scale": False, "bias": False}}
+    cfg = tiny_config()
+    cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay = 1.0, 0.0, 0.5
+    cfg.optim.warmup_steps, cfg.total_steps = 0, 10**9  # lr ~= 1 at step 0
+    tx = make_optimizer(cfg)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    lr0 = float(make_schedule(cfg)(0))
+    np.testing.assert_allclose(updates["conv"]["kernel"], -0.5 * lr0 * np.ones((3, 3)), rtol=1e-6)
+    assert float(jnp.abs(updates["conv"]["bias"]).max()) == 0.0
+    assert float(jnp.abs(updates["bn"]["scale"]).max()) == 0.0
+
+
+def test_nonfinite_loss_leaves_state_unchanged():
+    cfg = tiny_config(batch=4)
+    cfg.optim.lr = float("nan")
+    batches = [disc_batch(4, 32, seed=0)]
+    state, metrics, _ = _run_steps(cfg, jax.devices()[:1], batches)
+    assert int(metrics["nonfinite"]) == 1
+    assert int(state.step) == 0
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+
+
+@pytest.mark.parametrize("steps", [250])
+def test_overfits_four_images(steps):
+    """A tiny config reaches a low loss and foreground Dice > 0.9 on 4 fixed images."""
+    cfg = tiny_config(batch=4)
+    cfg.augment.enabled = False
+    cfg.model.gating_dropout = cfg.model.node_dropout = cfg.model.classifier_dropout = 0.0
+    cfg.model.drop_connect_rate = 0.0
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.total_steps = 0.05, 20, steps
+    batch = disc_batch(4, 32, seed=3)
+    _, last, history = _run_steps(cfg, jax.devices()[:1], [batch] * steps)
+    assert last["loss"] < 0.25 * history[0]["loss"]
+    assert last["dice"] > 0.9

@@ -1,0 +1,144 @@
+"""Workdir and checkpoints: orbax CheckpointManager with train state + grain iterator (DESIGN §6).
+
+Layout of a workdir::
+
+    config.json          the run's config (a workdir never silently runs another config)
+    checkpoints/<step>/  orbax: state/ (TrainState) and data_iter/ (grain iterator per process)
+    metrics.jsonl        one JSON object per logged step / evaluation
+    tb/                  TensorBoard event files
+    archive/<time>/      what --overwrite moved aside (nothing a user made is deleted)
+
+The latest N checkpoints and the best one by the validation metric are kept (orbax preservation
+policies; ``max_to_keep`` with ``best_fn`` would delete the latest, JAX_NOTES §2c).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from tsfd_jax.errors import UserError
+
+CONFIG_FILE = "config.json"
+# Workdir entries written by training; --overwrite moves these into archive/<time>/.
+RUN_ENTRIES = ("config.json", "checkpoints", "metrics.jsonl", "tb", "eval")
+
+
+def config_json(cfg) -> str:
+    return cfg.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def _normalise(text: str) -> Any:
+    return json.loads(text)
+
+
+def check_workdir(workdir: Path, cfg, overwrite: bool = False, resume_anyway: bool = False) -> None:
+    """Refuse a workdir holding a run of another config; ``overwrite`` archives that run first."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    saved = workdir / CONFIG_FILE
+    new = config_json(cfg)
+    if saved.exists():
+        same = _normalise(saved.read_text()) == _normalise(new)
+        if not same and overwrite:
+            archive = workdir / "archive" / time.strftime("%Y%m%d-%H%M%S")
+            if jax.process_index() == 0:
+                archive.mkdir(parents=True)
+                for name in RUN_ENTRIES:
+                    if (workdir / name).exists():
+                        os.replace(workdir / name, archive / name)
+                print(f"moved the previous run in {workdir} to {archive}")
+        elif not same and not resume_anyway:
+            diff = _config_diff(_normalise(saved.read_text()), _normalise(new))
+            raise UserError(
+                f"{saved}: this workdir holds a run of another config ({diff}); use another "
+                f"--workdir, --resume-anyway to continue it with the new config, or --overwrite "
+                f"to archive the old run and start afresh")
+    if jax.process_index() == 0:
+        write_atomic(saved, new)
+
+
+def _config_diff(old: dict, new: dict, prefix: str = "") -> str:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = _config_diff(a, b, f"{prefix}{key}.")
+            if sub:
+                diffs.append(sub)
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return "; ".join(diffs[:5]) + (" ..." if len(diffs) > 5 else "")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def make_manager(workdir: Path, keep: int, best_metric: str | None) -> ocp.CheckpointManager:
+    policies = [ocp.checkpoint_managers.LatestN(n=max(int(keep), 1))]
+    if best_metric:
+        policies.append(ocp.checkpoint_managers.BestN(
+            get_metric_fn=lambda m: m[best_metric], reverse=False, n=1,
+            keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=True, create=True)
+    return ocp.CheckpointManager(
+        (workdir / "checkpoints").absolute(), options=options, item_names=("state", "data_iter"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data_iter": grain.checkpoint.CheckpointHandler()})
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, data_iter,
+         metrics: dict | None = None) -> None:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(data_iter)),
+        metrics=metrics)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter):
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+    return restored["state"]
+
+
+def resolve_step(manager: ocp.CheckpointManager, which: str | int) -> int:
+    """'last', 'best' or a step number -> an existing step (UserError otherwise)."""
+    steps = manager.all_steps()
+    if not steps:
+        raise UserError(f"{manager.directory}: no checkpoint found")
+    if which in ("last", "latest"):
+        return manager.latest_step()
+    if which == "best":
+        best = manager.best_step()
+        return best if best is not None else manager.latest_step()
+    step = int(which)
+    if step not in steps:
+        raise UserError(f"{manager.directory}: no checkpoint at step {step} (have {sorted(steps)})")
+    return step
+
+
+def restore_variables(workdir: Path, which: str | int = "best") -> tuple[dict, int]:
+    """Model variables (params, batch_stats) of a finished or running workdir, for evaluation."""
+    ckpt = workdir / "checkpoints"
+    if not ckpt.is_dir():
+        raise UserError(f"{workdir}: not a training workdir (no checkpoints/ folder)")
+    manager = ocp.CheckpointManager(ckpt.absolute(), item_names=("state", "data_iter"))
+    try:
+        step = resolve_step(manager, which)
+        # BestN metrics live in the manager; reading only the state needs no grain handler.
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    finally:
+        manager.close()
+    state = restored["state"]
+    return {"params": state["params"], "batch_stats": state["batch_stats"]}, step

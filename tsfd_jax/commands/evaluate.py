@@ -1,0 +1,36 @@
+"""``python -m tsfd_jax evaluate --workdir W [--checkpoint best|last|STEP] [--data PATH]``.
+
+Writes ``W/eval/<name>/``: masks.npy (PanNuke layout, int32) + types.npy, true/masks.npy +
+true/types.npy (the ground truth in the same layout, for the official PanNuke-metrics run.py),
+report.json, report.md (paper Tables 8-10 layout) and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", required=True, help="a training workdir")
+    p.add_argument("--checkpoint", default="best", help="best | last | a step number")
+    p.add_argument("--data", default="",
+                   help="prepared dataset, PanNuke folder or image+label folder "
+                        "(default: the run's data)")
+    p.add_argument("--split", default="", help="split name (default: the config's test split)")
+    p.add_argument("--name", default="", help="output folder name under W/eval/")
+    p.add_argument("--protocol", choices=("official", "tsfd"), default="official",
+                   help="tsfd also reports PQ against ground truth rebuilt the authors' way")
+    p.add_argument("--workers", type=int, default=None, help="post-processing processes")
+    p.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing eval folder")
+
+
+def run(args) -> int:
+    from tsfd_jax.evaluate_cli import evaluate_workdir
+
+    out = evaluate_workdir(args.workdir, checkpoint=args.checkpoint, data=args.data,
+                           split=args.split, name=args.name, protocol=args.protocol,
+                           workers=args.workers, max_images=args.max_images or None,
+                           overwrite=args.overwrite)
+    print(f"report: {out / 'report.md'}")
+    return 0

@@ -1,0 +1,66 @@
+"""Evaluate a training workdir: restore a checkpoint, run a split, write the report folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import ml_collections
+
+from tsfd_jax.errors import UserError
+
+
+def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise UserError(f"{workdir}: not a training workdir (no config.json)")
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+
+
+def evaluate_workdir(workdir: str | Path, *, checkpoint: str = "best", data: str = "",
+                     split: str = "", name: str = "", protocol: str = "official",
+                     workers: int | None = None, max_images: int | None = None,
+                     overwrite: bool = False) -> Path:
+    from tsfd_jax.checkpoints import restore_variables
+    from tsfd_jax.data.resolve import eval_source
+    from tsfd_jax.evaluate import evaluate_source
+    from tsfd_jax.report import write_report
+
+    workdir = Path(workdir)
+    cfg = load_run_config(workdir)
+    variables, step = restore_variables(workdir, checkpoint)
+    split = split or cfg.data.test_split
+    source, label = eval_source(cfg, workdir, data, split)
+    out_dir = workdir / "eval" / (name or f"{label}-step{step}")
+    if out_dir.exists():
+        if not overwrite:
+            raise UserError(f"{out_dir}: already exists; pass --overwrite or another --name")
+        shutil.rmtree(out_dir)
+    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    report = evaluate_source(cfg, variables, source, max_images=max_images, with_report=True,
+                             out_dir=partial, workers=workers, protocol=protocol)
+    report["checkpoint_step"] = step
+    report["data"] = {"source": data or cfg.data.root, "split": split}
+    write_report(report, partial, f"TSFD-Net evaluation: {label}, checkpoint step {step}")
+    partial.rename(out_dir)
+    print(summary_table(report))
+    return out_dir
+
+
+def summary_table(report: dict) -> str:
+    s = report["summary"]
+    rows = [("images", s["images"]), ("mPQ", s["mPQ"]), ("bPQ", s["bPQ"]),
+            ("detection F1", s["det_F1"])]
+    if "tissue_accuracy" in s:
+        rows.append(("tissue accuracy", s["tissue_accuracy"]))
+    for c, v in report["pq"]["class_PQ"].items():
+        rows.append((f"PQ {c}", v))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+                     for k, v in rows)

@@ -1,0 +1,159 @@
+"""The training loop: data, mesh, state, steps, logging, validation, checkpoints, resume.
+
+big_vision-style stages in one readable function. A run lives in a workdir; started again on the
+same workdir it resumes from the latest checkpoint (train state + data iterator), so a killed run
+continues the same curve. A non-finite loss stops the run; the last good checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from tsfd_jax import checkpoints, parallel
+from tsfd_jax.errors import UserError
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
+                       resume_anyway: bool = False, progress: bool = True) -> dict:
+    """Train ``cfg`` in ``workdir``; returns the last logged and validation metrics."""
+    from tqdm import tqdm
+
+    from tsfd_jax.data.pipeline import to_global, train_iterator
+    from tsfd_jax.data.resolve import load_split
+    from tsfd_jax.models.tsfd import build_model
+    from tsfd_jax.ops.preprocess import make_preprocess_fn
+    from tsfd_jax.train import create_state, init_state, make_optimizer, make_train_step
+    from tsfd_jax.writers import MetricWriter
+
+    from tsfd_jax.losses import check_loss_config
+
+    workdir = Path(workdir)
+    check_loss_config(cfg.loss)  # a bad loss name fails before anything is compiled
+    # ---- multi-host and workdir ----------------------------------------------------------
+    parallel.initialize_distributed(bool(cfg.mesh.distributed))
+    checkpoints.check_workdir(workdir, cfg, overwrite=overwrite, resume_anyway=resume_anyway)
+    writer = MetricWriter(workdir)
+
+    # ---- mesh ----------------------------------------------------------------------------
+    mesh = parallel.make_mesh(tuple(cfg.mesh.axes))
+    parallel.check_batch_size(int(cfg.data.global_batch_size), mesh)
+    repl = parallel.replicated(mesh)
+
+    # ---- input pipeline ------------------------------------------------------------------
+    train_source = load_split(cfg, workdir, "train")
+    data_iter = train_iterator(train_source, int(cfg.data.global_batch_size), seed=int(cfg.seed),
+                               num_workers=int(cfg.data.num_workers),
+                               prefetch=int(cfg.data.prefetch))
+
+    # ---- model, optimiser, state -----------------------------------------------------------
+    model = build_model(cfg)
+    tx = make_optimizer(cfg)
+    rng = jax.random.key(int(cfg.seed))
+    abstract = jax.eval_shape(lambda r: create_state(cfg, model, tx, r), rng)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
+                            abstract)
+
+    manager = checkpoints.make_manager(workdir, int(cfg.keep_checkpoints),
+                                       cfg.best_metric or None)
+    start = manager.latest_step()
+    if start is not None:
+        state = checkpoints.restore(manager, start, abstract, data_iter)
+        print(f"resumed from {workdir}/checkpoints/{start}")
+    else:
+        state = init_state(cfg, model, tx, rng, repl)
+        if cfg.model.init_checkpoint:
+            state = _load_init_checkpoint(state, cfg.model.init_checkpoint, repl)
+        start = 0
+    step = int(jax.device_get(state.step))
+
+    preprocess = make_preprocess_fn(cfg)
+    train_step = jax.jit(make_train_step(cfg, model, tx, preprocess),
+                         in_shardings=(repl, parallel.batch_sharded(mesh)),
+                         out_shardings=(repl, repl), donate_argnums=(0,))
+
+    # ---- loop ----------------------------------------------------------------------------
+    total = int(cfg.total_steps)
+    log_every = max(int(cfg.log_every_steps), 1)
+    bar = tqdm(total=total, initial=step, disable=not progress or jax.process_index() != 0,
+               dynamic_ncols=True, unit="step")
+    pending: list[dict] = []
+    last: dict = {}
+    t0, n0 = time.perf_counter(), step
+    try:
+        while step < total:
+            batch = next(data_iter)
+            state, metrics = train_step(state, to_global(batch, mesh))
+            pending.append(metrics)
+            step += 1
+            bar.update(1)
+            is_ckpt = step % int(cfg.checkpoint_every_steps) == 0 or step == total
+            is_eval = int(cfg.eval_every_steps) > 0 and (
+                step % int(cfg.eval_every_steps) == 0 or step == total)
+            if step % log_every == 0 or is_ckpt or is_eval:
+                last = _summarise(pending)
+                pending = []
+                if last.pop("nonfinite", 0) > 0:
+                    raise TrainingDiverged(
+                        f"the loss became NaN or inf before step {step} (updates with a "
+                        f"non-finite loss were skipped); the last good checkpoint is "
+                        f"{manager.latest_step()} in {workdir}/checkpoints. Lower optim.lr or "
+                        f"set optim.grad_clip and resume.")
+                rate = (step - n0) * int(cfg.data.global_batch_size) / (time.perf_counter() - t0)
+                last["images_per_s"] = rate
+                writer.write(step, {f"train_{k}": v for k, v in last.items()})
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.3g}",
+                                img_s=f"{rate:.1f}")
+                t0, n0 = time.perf_counter(), step
+            val = None
+            if is_eval:
+                val = _validate(cfg, workdir, state, mesh, step)
+                writer.write(step, val)
+                bar.write(f"step {step}: " + ", ".join(
+                    f"{k}={v:.4f}" for k, v in val.items() if isinstance(v, float)))
+                t0 = time.perf_counter()
+            if is_ckpt:
+                metrics_for_best = val if val and cfg.best_metric in val else None
+                checkpoints.save(manager, step, state, data_iter, metrics_for_best)
+    finally:
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+    return {**{f"train_{k}": v for k, v in last.items()}}
+
+
+def _summarise(metrics: list[dict]) -> dict:
+    fetched = jax.device_get(metrics)
+    out = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+    out["nonfinite"] = float(np.sum([m["nonfinite"] for m in fetched]))
+    out["lr"] = float(fetched[-1]["lr"])
+    return out
+
+
+def _validate(cfg, workdir: Path, state, mesh, step: int) -> dict:
+    from tsfd_jax.data.resolve import load_split
+    from tsfd_jax.evaluate import evaluate_source
+
+    source = load_split(cfg, workdir, "val")
+    result = evaluate_source(cfg, state.variables(), source, mesh=mesh,
+                             max_images=int(cfg.eval_max_images) or None, with_report=False)
+    return {f"val_{k}": v for k, v in result.items() if isinstance(v, (int, float))}
+
+
+def _load_init_checkpoint(state, path: str, sharding):
+    from tsfd_jax.models.keras_weights import merge_backbone
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: model.init_checkpoint does not exist")
+    variables = merge_backbone(state.variables(), p)
+    variables = jax.device_put(variables, sharding)
+    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])

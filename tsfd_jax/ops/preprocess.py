@@ -1,0 +1,90 @@
+"""Device-side preprocessing: host batch -> (network inputs, targets) (PAPER §3.1, §4.2; DESIGN §3).
+
+Order, per batch (inside the jitted train/eval step):
+1. (train and ``augment.enabled``) ``augment_example`` per example under ``jax.vmap`` with
+   ``jax.random.split(key, B)``: geometric on image + labels, then photometric on the image.
+2. Boundary target from the (augmented) ``inst``/``cls`` and content mask (TSFD_FACTS §3.4).
+3. RGB resized bilinearly from the label size H to ``input.size`` (256 -> 512 by the exact x2
+   stencil of ``ops/resize.py``); labels stay at H.
+4. Stain channels from the augmented, resized RGB (``input.stain_matrix``/``stain_scaling``).
+5. inputs = concat(RGB / 255, stains) by ``input.channels``: rgb (3), rgb_he (5), rgb_her (6);
+   with ``input.drop_r_at_inference`` the R stain is zeroed when not training (Table 5 row 4).
+
+The config is read once, when the function is made: its values are Python constants of the trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from tsfd_jax.ops.augment import augment_example
+from tsfd_jax.ops.resize import resize_bilinear, resize_nearest
+from tsfd_jax.ops.stain import MATRICES, SCALINGS, stain_channels
+from tsfd_jax.ops.targets import boundary_target
+
+CHANNEL_SETS = {"rgb": 3, "rgb_he": 5, "rgb_her": 6}
+
+
+def make_preprocess_fn(cfg) -> Callable[[dict, jax.Array, bool], tuple[jax.Array, dict]]:
+    """``fn(batch, key, train) -> (inputs, targets)`` for the config ``cfg``.
+
+    batch: image uint8 (B, H, W, 3), inst int (B, H, W), cls int (B, H, W), tissue int32 (B,),
+    valid bool (B,). Returns inputs float32 (B, S, S, n_ch) and targets
+    {cls int32 (B, H, W), boundary float32 (B, H, W), tissue int32 (B,), weight float32 (B, H, W)}.
+    Same key -> same output; works with the batch sharded over a mesh axis (AxisType.Auto).
+    """
+    channels = str(cfg.input.channels)
+    if channels not in CHANNEL_SETS:
+        raise ValueError(f"unknown input.channels {channels!r}; expected one of {list(CHANNEL_SETS)}")
+    matrix = str(cfg.input.stain_matrix)
+    if matrix not in MATRICES:
+        raise ValueError(f"unknown input.stain_matrix {matrix!r}; expected one of {MATRICES}")
+    scaling = str(cfg.input.stain_scaling)
+    if scaling not in SCALINGS:
+        raise ValueError(f"unknown input.stain_scaling {scaling!r}; expected one of {SCALINGS}")
+    size = int(cfg.input.size)
+    drop_r = bool(cfg.input.drop_r_at_inference)
+    augment_cfg = cfg.augment.to_dict() if hasattr(cfg.augment, "to_dict") else dict(cfg.augment)
+    augment_on = bool(augment_cfg.get("enabled", False))
+    frame_width = int(cfg.targets.frame_width)
+
+    def preprocess(batch: dict, key: jax.Array, train: bool) -> tuple[jax.Array, dict]:
+        image = jnp.asarray(batch["image"])
+        inst = jnp.asarray(batch["inst"]).astype(jnp.int32)
+        cls = jnp.asarray(batch["cls"]).astype(jnp.int32)
+        b, h, w = inst.shape
+        valid = batch.get("valid")
+        valid = jnp.ones((b,), bool) if valid is None else jnp.asarray(valid)
+
+        if train and augment_on:
+            keys = jax.random.split(key, b)
+            image, inst, cls, content = jax.vmap(
+                lambda k, im, i, c: augment_example(k, im, i, c, augment_cfg))(keys, image, inst, cls)
+        else:
+            image = image.astype(jnp.float32)
+            content = None
+
+        boundary = boundary_target(inst, cls, content, frame_width)
+        rgb = resize_bilinear(image, (size, size))
+        parts = [rgb / 255.0]
+        if channels != "rgb":
+            mask = None if content is None else resize_nearest(content, (size, size))
+            stains = stain_channels(rgb, matrix, scaling, mask)
+            if channels == "rgb_he":
+                stains = stains[..., :2]
+            elif drop_r and not train:
+                stains = stains.at[..., 2].set(0.0)
+            parts.append(stains)
+        inputs = jnp.concatenate(parts, axis=-1).astype(jnp.float32)
+        targets = {
+            "cls": cls,
+            "boundary": boundary,
+            "tissue": jnp.asarray(batch["tissue"]).astype(jnp.int32),
+            "weight": jnp.broadcast_to(valid.astype(jnp.float32)[:, None, None], (b, h, w)),
+        }
+        return inputs, targets
+
+    return preprocess

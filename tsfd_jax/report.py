@@ -1,0 +1,163 @@
+"""Evaluation report files: report.json, report.md (paper Tables 8-10 layout) and plots.
+
+Written next to masks.npy in ``<workdir>/eval/<name>/``; every file atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tsfd_jax import paper
+from tsfd_jax.constants import PANNUKE_CLASS_COLORS
+
+
+def to_jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return to_jsonable(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _write(path: Path, data: bytes | str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def _fmt(x: Any) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def markdown(report: dict, title: str) -> str:
+    pq, det = report["pq"], report["detection"]
+    s = report["summary"]
+    lines = [f"# {title}", "",
+             f"{s['images']} images. Official PanNuke PQ protocol (tissue-averaged mPQ/bPQ); "
+             "paper column: TSFD-Net as published (random split, authors' protocol - not directly "
+             "comparable).", "",
+             "## Overall", "", "| metric | ours | paper |", "|---|---|---|",
+             f"| mPQ | {_fmt(s['mPQ'])} | {paper.MPQ} |", f"| bPQ | {_fmt(s['bPQ'])} | {paper.BPQ} |"]
+    if "mPQ_tsfd_protocol" in s:
+        lines += [f"| mPQ (authors' protocol) | {_fmt(s['mPQ_tsfd_protocol'])} | {paper.MPQ} |",
+                  f"| bPQ (authors' protocol) | {_fmt(s['bPQ_tsfd_protocol'])} | {paper.BPQ} |"]
+    if "tissue_accuracy" in s:
+        lines.append(f"| tissue accuracy | {_fmt(s['tissue_accuracy'])} | - |")
+    lines += ["", "## Table 8: PQ per tissue", "",
+              "| tissue | mPQ | bPQ | paper mPQ | paper bPQ |", "|---|---|---|---|---|"]
+    for t, v in pq["tissue_mPQ"].items():
+        lines.append(f"| {t} | {_fmt(v)} | {_fmt(pq['tissue_bPQ'].get(t))} | "
+                     f"{_fmt(paper.TISSUE_MPQ.get(t))} | {_fmt(paper.TISSUE_BPQ.get(t))} |")
+    lines += ["", "## Table 9: PQ per class", "", "| class | PQ | DQ | SQ | paper PQ |",
+              "|---|---|---|---|---|"]
+    for c, v in pq["class_PQ"].items():
+        lines.append(f"| {c} | {_fmt(v)} | {_fmt(pq.get('class_DQ', {}).get(c))} | "
+                     f"{_fmt(pq.get('class_SQ', {}).get(c))} | {_fmt(paper.CLASS_PQ.get(c))} |")
+    lines += ["", "## Table 10: detection and classification (HoVer-Net protocol, 12 px)", "",
+              "| | P | R | F1 | paper F1 |", "|---|---|---|---|---|",
+              f"| detection | {_fmt(det['Pd'])} | {_fmt(det['Rd'])} | {_fmt(det['F1d'])} | "
+              f"{paper.DETECTION['F1']} |"]
+    for c, v in det["per_class"].items():
+        lines.append(f"| {c} | {_fmt(v.get('P'))} | {_fmt(v.get('R'))} | {_fmt(v.get('F1'))} | "
+                     f"{_fmt(paper.CLASSIFICATION_F1.get(c))} |")
+    t = report["timings"]
+    lines += ["", f"Timings: device {t['device_s']:.1f} s, post-processing "
+              f"{t['postprocess_s']:.1f} s, metrics {t['metrics_s']:.1f} s "
+              f"({t['images_per_s']:.1f} images/s).", ""]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out_dir: Path, title: str) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plain = {k: v for k, v in report.items() if k not in ("pr", "examples")}
+    written = [out_dir / "report.json", out_dir / "report.md"]
+    _write(written[0], json.dumps(to_jsonable(plain), indent=2))
+    _write(written[1], markdown(report, title))
+    written += _plots(report, out_dir)
+    return written
+
+
+def _plots(report: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    if report.get("tissue"):
+        cm = np.asarray(report["tissue"]["confusion"], float)
+        names = report["tissue"]["names"]
+        norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+        fig, ax = plt.subplots(figsize=(8, 7))
+        ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_xlabel("predicted tissue")
+        ax.set_ylabel("true tissue")
+        ax.set_title("Tissue confusion (row-normalised)")
+        fig.tight_layout()
+        written.append(_savefig(fig, out_dir / "tissue_confusion.png"))
+        plt.close(fig)
+    pr = report.get("pr")
+    if pr is not None and len(pr["labels"]):
+        from tsfd_jax.metrics.pixel import pr_curve
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for c, name in enumerate(report["class_names"], start=1):
+            precision, recall, _ = pr_curve(pr["scores"][:, c], pr["labels"] == c)
+            color = np.asarray(PANNUKE_CLASS_COLORS[(c - 1) % len(PANNUKE_CLASS_COLORS)]) / 255
+            ax.plot(recall, precision, label=name, color=color)
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_title("Per-class pixel precision-recall")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(_savefig(fig, out_dir / "pr_curves.png"))
+        plt.close(fig)
+    if report.get("examples"):
+        written.append(_overlay_grid(report["examples"], out_dir / "overlays.png"))
+    return written
+
+
+def _savefig(fig, path: Path) -> Path:
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    return path
+
+
+def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """RGB image with instance contours coloured by class (PanNuke-layout mask (H,W,C+1))."""
+    from skimage.segmentation import find_boundaries
+
+    out = np.asarray(image, np.uint8).copy()
+    for c in range(mask.shape[-1] - 1):
+        edge = find_boundaries(mask[..., c].astype(np.int32), mode="inner")
+        out[edge] = PANNUKE_CLASS_COLORS[c % len(PANNUKE_CLASS_COLORS)]
+    return out
+
+
+def _overlay_grid(examples: list[dict], path: Path) -> Path:
+    from PIL import Image
+
+    rows = [np.concatenate([ex["image"], overlay(ex["image"], ex["true"]),
+                            overlay(ex["image"], ex["pred"])], axis=1) for ex in examples]
+    grid = np.concatenate(rows, axis=0)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    Image.fromarray(grid).save(tmp)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,178 @@
+"""Training state, optimiser, the jitted train step and the training loop (PAPER §4.4, DESIGN §5-6).
+
+SGD with momentum 0.9, weight decay on conv/dense kernels only, learning rate linear 0 -> peak over
+the warm-up steps then cosine to 0 at ``total_steps``. One ``jax.jit`` step over a ``data`` mesh:
+state replicated and donated, batch sharded, BatchNorm statistics over the global batch. Everything
+random in a step (augmentation, dropout, stochastic depth) comes from ``fold_in(state.rng, step)``,
+so a resumed run repeats the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from tsfd_jax.losses import tsfd_loss
+from tsfd_jax.models.tsfd import input_shape
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: PyTree
+    rng: jax.Array
+
+    def variables(self) -> dict:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+# ---- optimiser -------------------------------------------------------------------------------
+
+def make_schedule(cfg) -> optax.Schedule:
+    """Linear warm-up 0 -> lr over ``optim.warmup_steps``, then cosine to 0 at ``total_steps``."""
+    total = int(cfg.total_steps)
+    warmup = min(int(cfg.optim.warmup_steps), max(total - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=float(cfg.optim.lr), warmup_steps=warmup,
+        decay_steps=max(total, warmup + 1), end_value=0.0)
+
+
+def kernel_mask(params: PyTree) -> PyTree:
+    """True for conv and dense kernels: weight decay never touches biases or BN scales."""
+    flat = flax.traverse_util.flatten_dict(params)
+    return flax.traverse_util.unflatten_dict({k: k[-1] == "kernel" for k in flat})
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    parts = []
+    if cfg.optim.grad_clip:
+        parts.append(optax.clip_by_global_norm(float(cfg.optim.grad_clip)))
+    if cfg.optim.weight_decay:
+        # Decay added to the gradient before momentum: SGD weight decay as in the paper.
+        parts.append(optax.add_decayed_weights(float(cfg.optim.weight_decay), mask=kernel_mask))
+    parts.append(optax.sgd(make_schedule(cfg), momentum=float(cfg.optim.momentum) or None,
+                           nesterov=bool(cfg.optim.nesterov)))
+    return optax.chain(*parts)
+
+
+def create_state(cfg, model, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    """Fresh state (call under ``jax.jit(..., out_shardings=...)`` to build it sharded).
+
+    The initialisers draw from an 'rbg' key: with the default threefry generator every one of the
+    hundreds of parameter draws is inlined as a long chain of HLO and the compile takes minutes on
+    a CPU. Training randomness (``state.rng``) stays threefry (partitionable, sharding-invariant).
+    """
+    init_rng, state_rng = jax.random.split(rng)
+    init_rng = jax.random.wrap_key_data(jax.random.bits(init_rng, (4,), jnp.uint32), impl="rbg")
+    params_rng, dropout_rng = jax.random.split(init_rng)
+    variables = model.init({"params": params_rng, "dropout": dropout_rng},
+                           jnp.zeros(input_shape(cfg), jnp.float32), train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(params), rng=state_rng)
+
+
+def init_state(cfg, model, tx: optax.GradientTransformation, rng: jax.Array,
+               sharding) -> TrainState:
+    """``create_state`` compiled once at XLA optimisation level 0 (it runs once; a full
+    optimisation of the initialisers costs far more compile time than it could save)."""
+    fn = jax.jit(lambda r: create_state(cfg, model, tx, r), out_shardings=sharding)
+    compiled = fn.lower(rng).compile(compiler_options={"xla_backend_optimization_level": 0})
+    return compiled(rng)
+
+
+# ---- steps -----------------------------------------------------------------------------------
+
+def foreground_dice(seg_logits: jax.Array, cls: jax.Array, weight: jax.Array) -> jax.Array:
+    """Hard Dice of nucleus-vs-background from the arg-max class, over valid pixels."""
+    pred = (jnp.argmax(seg_logits, -1) > 0).astype(jnp.float32) * weight
+    true = (cls > 0).astype(jnp.float32) * weight
+    inter = jnp.sum(pred * true)
+    return (2 * inter + 1e-6) / (jnp.sum(pred) + jnp.sum(true) + 1e-6)
+
+
+def resize_to_labels(outputs: dict, size: tuple[int, int]) -> dict:
+    """Logits at a different size than the labels are resized bilinearly (DESIGN §3)."""
+    out = dict(outputs)
+    for name in ("seg_logits", "boundary_logits"):
+        x = out[name]
+        if x.shape[1:3] != tuple(size):
+            out[name] = jax.image.resize(x, (x.shape[0], *size, x.shape[-1]), "bilinear",
+                                         antialias=False)
+    return out
+
+
+def make_train_step(cfg, model, tx, preprocess: Callable) -> Callable:
+    """``train_step(state, batch) -> (state, metrics)``; the batch is the host contract on device.
+
+    A non-finite loss or gradient leaves the state unchanged (the step counter does not advance)
+    and is reported in ``metrics['nonfinite']`` so the loop can stop with the last good state.
+    """
+    schedule = make_schedule(cfg)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        aug_rng, dropout_rng = jax.random.split(rng)
+        inputs, targets = preprocess(batch, aug_rng, True)
+
+        def loss_fn(params):
+            outputs, new_vars = model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, inputs, train=True,
+                rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
+            outputs = resize_to_labels(outputs, targets["cls"].shape[1:3])
+            total, terms = tsfd_loss(outputs, targets, cfg.loss)
+            return total, (terms, new_vars["batch_stats"], outputs)
+
+        (total, (terms, batch_stats, outputs)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+        new_state = TrainState(
+            step=state.step + ok.astype(jnp.int32), params=keep(params, state.params),
+            batch_stats=keep(batch_stats, state.batch_stats),
+            opt_state=keep(opt_state, state.opt_state), rng=state.rng)
+        metrics = {"loss": total, **terms, "grad_norm": grad_norm, "lr": schedule(state.step),
+                   "dice": foreground_dice(outputs["seg_logits"], targets["cls"],
+                                           targets["weight"]),
+                   "nonfinite": 1 - ok.astype(jnp.int32)}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(cfg, model, preprocess: Callable) -> Callable:
+    """``eval_step(variables, batch) -> outputs`` with probabilities, loss terms and Dice.
+
+    Per-example losses are not defined for the batch-level losses of the paper, so the loss of an
+    eval batch is returned with its number of valid examples for weighted averaging.
+    """
+    def eval_step(variables: dict, batch: dict) -> dict:
+        inputs, targets = preprocess(batch, jax.random.key(0), False)
+        outputs = model.apply(variables, inputs, train=False)
+        outputs = resize_to_labels(outputs, targets["cls"].shape[1:3])
+        total, terms = tsfd_loss(outputs, targets, cfg.loss)
+        out = {
+            "seg_prob": jax.nn.softmax(outputs["seg_logits"].astype(jnp.float32), -1),
+            "boundary_prob": jax.nn.sigmoid(outputs["boundary_logits"][..., 0].astype(jnp.float32)),
+            "loss": total, "dice": foreground_dice(outputs["seg_logits"], targets["cls"],
+                                                   targets["weight"]),
+            "num_valid": jnp.sum(batch["valid"].astype(jnp.int32)),
+        }
+        if "tissue_logits" in outputs:
+            out["tissue_prob"] = jax.nn.softmax(outputs["tissue_logits"].astype(jnp.float32), -1)
+        return out
+
+    return eval_step
