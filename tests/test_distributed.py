@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 
@@ -25,6 +26,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     port = _free_port()
     two = tmp_path / "two.npz"

@@ -1,0 +1,109 @@
+"""PAPER Table 5: the network input, RGB alone or with the colour-deconvolved stain channels.
+
+The stain channels come from colour deconvolution (PAPER Eq. 13-15, TSFD_FACTS §3.3): h
+(haematoxylin), e (eosin) and r (the third, residual stain). They are computed on device from the
+(augmented) RGB image and stacked after it (``input.channels``). The last row trains on all six
+channels and zeroes the r channel at evaluation (``input.drop_r_at_inference``), to show how much
+the trained network relies on it. Changes to configs/default.py:
+
+| variant        | alias | row (PAPER Table 5)        | changed fields                 | mPQ   | bPQ   |
+|----------------|-------|----------------------------|--------------------------------|-------|-------|
+| rgb            | exp1  | RGB                        | input.channels="rgb"           | .4406 | -     |
+| rgb_he         | exp2  | RGB + h + e                | input.channels="rgb_he"        | .4916 | -     |
+| rgb_her        | exp3  | RGB + h + e + r (TSFD-Net) | (none: the paper model)        | .504  | .6377 |
+| rgb_her_drop_r | exp4  | r dropped at inference     | input.drop_r_at_inference=True | .4661 | -     |
+
+mPQ / bPQ: PAPER Table 5 (TSFD_FACTS §3.3, §9.1; "-": not in the text; rgb_her's bPQ is the
+headline .6377). Only the first convolution (the stem) changes with the number of channels;
+``drop_r`` is also accepted for the last row. The paper repeated every row 5 times (seeds 0..4).
+
+A variant may be followed by the variants of configs/default.py (``:rgb,fold2``). No variant =
+rgb_her.
+
+  python -m tsfd_jax train --config configs/ablation_inputs.py:rgb \
+      --workdir runs/ablations/ablation_inputs-rgb-seed0 --config.data.root /data/pannuke
+  python experiments/sweep.py --sweep configs/ablation_inputs.py --root runs/ablations \
+      --seeds 0,1,2,3,4 --config.data.root /data/pannuke
+  python experiments/tables.py --root runs/ablations --out runs/ablations/tables
+(``--sweep configs/ablation_inputs.py:folds``: every row on the official 3-fold rotation;
+``:tsfd``: on the authors' split, tabulated with ``tables.py --scheme tsfd``.)
+
+Runtime: as configs/default.py per run (the paper's 512 px runs: 556 s/epoch, about 23 h for 150
+epochs on 3 RTX 2080, PAPER Table 7). rgb_her_drop_r trains exactly as rgb_her; it is its own
+run because evaluation reads the switch from the run's config (its validation during training,
+and so its best checkpoint, already sees the r channel dropped).
+"""
+
+from configs import default
+
+TABLE = 5
+TITLE = "Ablation of the input channels"
+PAPER_MODEL = "rgb_her"  # the row equal to configs/default.py
+
+VARIANTS = {
+    "rgb": dict(aliases=("exp1",), row="RGB", mpq=0.4406, bpq=None,
+                changes={"input.channels": "rgb"}),
+    "rgb_he": dict(aliases=("exp2",), row="RGB + h + e", mpq=0.4916, bpq=None,
+                   changes={"input.channels": "rgb_he"}),
+    "rgb_her": dict(aliases=("exp3", "tsfd"), row="RGB + h + e + r (TSFD-Net)", mpq=0.504,
+                    bpq=0.6377, changes={}),
+    "rgb_her_drop_r": dict(aliases=("exp4", "drop_r"), row="RGB + h + e + r, r dropped at inference",
+                           mpq=0.4661, bpq=None, changes={"input.drop_r_at_inference": True}),
+}
+
+
+def get_config(arg: str | None = None):
+    name, rest = split_variant(arg)
+    c = default.get_config(rest)
+    for key, value in VARIANTS[name]["changes"].items():
+        set_field(c, key, value)
+    return c
+
+
+def split_variant(arg: str | None) -> tuple[str, str | None]:
+    """'rgb,fold2' -> ('rgb', 'fold2'): this table's row (canonical name) and default's rest."""
+    return _split_variant(arg, VARIANTS, PAPER_MODEL, "configs/ablation_inputs.py")
+
+
+def sweep():
+    """Every row once (kauldron style); seeds come from ``experiments/sweep.py --seeds``."""
+    for name in VARIANTS:
+        yield {"config": f"configs/ablation_inputs.py:{name}"}
+
+
+def sweep_folds():
+    """Every row on the official 3-fold rotation (fold1 is the default split)."""
+    for name in VARIANTS:
+        for fold in ("", ",fold2", ",fold3"):
+            yield {"config": f"configs/ablation_inputs.py:{name}{fold}"}
+
+
+def sweep_tsfd():
+    """Every row on the authors' released split (TSFD_FACTS §7.3)."""
+    for name in VARIANTS:
+        yield {"config": f"configs/ablation_inputs.py:{name},tsfd_split"}
+
+
+# ---- shared by the ablation config files (copied, not imported: each file stands alone) --------
+
+def _split_variant(arg, variants, paper_model, file):
+    alias = {a: n for n, v in variants.items() for a in (n, *v["aliases"])}
+    rows, rest = [], []
+    for part in filter(None, (p.strip() for p in (arg or "").split(","))):
+        (rows if part in alias else rest).append(alias.get(part, part))
+    if len(rows) > 1:
+        raise ValueError(f"{file}: give one row, got {', '.join(rows)}")
+    for part in rest:
+        if part not in default.ROTATIONS and part != "tsfd_split":
+            raise ValueError(f"unknown variant {part!r} of {file} (rows: {', '.join(alias)}; "
+                             f"and {', '.join([*default.ROTATIONS, 'tsfd_split'])})")
+    return (rows[0] if rows else paper_model), ",".join(rest) or None
+
+
+def set_field(c, dotted: str, value) -> None:
+    *path, last = dotted.split(".")
+    for p in path:
+        c = c[p]
+    if last not in c:
+        raise KeyError(f"config has no field {dotted}")
+    c[last] = value

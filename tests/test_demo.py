@@ -1,0 +1,24 @@
+"""The README's main job end to end: synthetic folds -> prepare -> train configs/demo.py ->
+evaluate on the held-out fold. Slow (minutes): run with `make test-all`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_reaches_target_quality(tmp_path):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    out = tmp_path / "demo"
+    subprocess.run([sys.executable, "-m", "tsfd_jax", "demo", "--out", str(out), "--no-progress"],
+                   env=env, check=True, timeout=3600)
+    report = json.loads((out / "train" / "eval" / "demo" / "report.json").read_text())
+    summary = report["summary"]
+    assert summary["bPQ"] >= 0.6, summary
+    assert summary["mPQ"] >= 0.35, summary
+    for name in ("report.md", "masks.npy", "overlays.png", "tissue_confusion.png"):
+        assert (out / "train" / "eval" / "demo" / name).exists(), name
