@@ -4,7 +4,7 @@ Everything of the paper model is there (EfficientNet taps, gating, BiFPNs with F
 interlinked decoders, tissue head, paper losses, augmentation, warm-up + cosine SGD), only
 narrower, shallower and smaller: synthetic 64 px patches (a 40x field of view of 16 um) resized
 to a 128 input, so the outputs (input / 2) are at the label size as in the paper (512 -> 256).
-Sized for a 2-core CPU: the train step compiles in a few minutes and runs a few steps per second.
+Sized for a 2-core CPU: the train step compiles in a few minutes; see README for the measured run.
 
   python -m tsfd_jax demo --out runs/demo          # synth -> prepare -> train -> evaluate -> report
   python -m tsfd_jax train --config configs/demo.py --workdir runs/demo/train \
@@ -37,11 +37,11 @@ def get_config(arg: str | None = None):
     m.node_dropout = 0.1
 
     c.optim.lr = 0.05
-    c.optim.warmup_steps = 60
-    c.total_steps = 800
+    c.optim.warmup_steps = 30
+    c.total_steps = 300
     c.log_every_steps = 25
-    c.eval_every_steps = 800
-    c.checkpoint_every_steps = 200
+    c.eval_every_steps = 300
+    c.checkpoint_every_steps = 100
     c.eval_max_images = 64
     c.keep_checkpoints = 1
 
