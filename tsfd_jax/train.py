@@ -115,7 +115,7 @@ def resize_to_labels(outputs: dict, size: tuple[int, int]) -> dict:
 def make_train_step(cfg, model, tx, preprocess: Callable) -> Callable:
     """``train_step(state, batch) -> (state, metrics)``; the batch is the host contract on device.
 
-    A non-finite loss or gradient leaves the state unchanged (the step counter does not advance)
+    A non-finite loss, gradient or update leaves the state unchanged (the step counter does not advance)
     and is reported in ``metrics['nonfinite']`` so the loop can stop with the last good state.
     """
     schedule = make_schedule(cfg)
@@ -138,7 +138,8 @@ def make_train_step(cfg, model, tx, preprocess: Callable) -> Callable:
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
-        ok = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        # A finite loss can still give a non-finite update (e.g. a NaN learning rate).
+        ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
         keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
         new_state = TrainState(
             step=state.step + ok.astype(jnp.int32), params=keep(params, state.params),
