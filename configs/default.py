@@ -90,6 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.seg_third_term = True       # PAPER Eq. 3 third term; False = authors' code (§1.7)
     m.tissue_head = True          # FDB (True) or CBB (False)
     m.classifier_dropout = 0.3
+    m.bn_momentum = 0.99          # BatchNorm running-average decay (Keras default, §1.1)
     m.dtype = "float32"           # float32 | bfloat16 (compute; params stay float32)
     m.init_checkpoint = ""        # orbax checkpoint from import-weights (ImageNet backbone)
 
@@ -120,6 +121,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     o.momentum = 0.9
     o.nesterov = False
     o.weight_decay = 5e-4         # on conv/dense kernels only
+    o.l2_fusion = 0.0             # authors' code 4e-5: L2 on gating + fusion depthwise kernels
     o.grad_clip = 0.0             # 0 = off (paper: none)
 
     # ---- loop ---------------------------------------------------------------------------
@@ -143,6 +145,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     p.closing_size = 3
     p.erosion_size = 3
     p.dilation_size = 3
+    p.vote = "component"          # Eq. 16 majority per component; "nucleus" = per separated nucleus
 
     c.eval = e = ml_collections.ConfigDict()
     e.match_iou = 0.5

@@ -35,6 +35,7 @@ def get_config(arg: str | None = None):
     m.num_bifpn = 2
     m.gating_dropout = 0.1
     m.node_dropout = 0.1
+    m.bn_momentum = 0.9              # 300 steps: 0.99 leaves the running statistics far behind
 
     c.optim.lr = 0.05
     c.optim.warmup_steps = 30

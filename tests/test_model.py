@@ -426,6 +426,28 @@ def test_dropout_and_stochastic_depth_act_only_in_training(tiny64):
     assert any("random" in e.primitive.name for e in _walk(jaxpr))
 
 
+@pytest.mark.parametrize("momentum", [0.99, 0.9])
+def test_bn_momentum_reaches_every_batch_norm(momentum):
+    import flax.linen as nn
+
+    cfg = tiny_cfg(bn_momentum=momentum)
+    model = build_model(cfg)
+    seen: dict[str, float] = {}
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.BatchNorm):
+            seen["/".join(context.module.scope.path)] = context.module.momentum
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        _, variables = traced(model, input_shape(cfg, 2, 64))
+    bn_layers = {"/".join(k[:-1]) for k in
+                 (tuple(str(p.key) for p in path) for path, _ in
+                  jax.tree_util.tree_flatten_with_path(variables["batch_stats"])[0])}
+    assert len(bn_layers) > 20 and set(seen) == bn_layers
+    assert set(seen.values()) == {momentum}
+
+
 def test_bfloat16_compute_returns_float32_logits(tiny64):
     _, v, x, _, ref = tiny64
     model = build_model(tiny_cfg(dtype="bfloat16"))

@@ -47,6 +47,7 @@ class InterlinkedDecoders(nn.Module):
     seg_third_term: bool = True
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    bn_momentum: float = 0.99
     depthwise_impl: str = "auto"
 
     @nn.compact
@@ -61,6 +62,7 @@ class InterlinkedDecoders(nn.Module):
             # No dropout in decoder nodes (TSFD_FACTS §1.5).
             return FusionNode(reweigh=self.reweigh, se_ratio=self.se_ratio, dropout_rate=0.0,
                               dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                              bn_momentum=self.bn_momentum,
                               depthwise_impl=self.depthwise_impl, name=name)(xs, train)
 
         size = [x.shape[1:3] for x in p]

@@ -41,11 +41,12 @@ class Gating(nn.Module):
     dropout_rate: float = 0.2
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    bn_momentum: float = 0.99
 
     @nn.compact
     def __call__(self, feats: list[jax.Array], train: bool) -> list[jax.Array]:
         return [GatingBlock(self.features, self.dropout_rate, self.dtype, self.bn_axis_name,
-                            name=level_name(i))(x, train) for i, x in enumerate(feats)]
+                            self.bn_momentum, name=level_name(i))(x, train) for i, x in enumerate(feats)]
 
 
 class TSFDNet(nn.Module):
@@ -68,11 +69,13 @@ class TSFDNet(nn.Module):
     classifier_dropout: float = 0.3
     dtype: Any = jnp.float32          # compute dtype; parameters stay float32
     bn_axis_name: str | None = None   # only inside shard_map/pmap (JAX_NOTES §2a)
+    bn_momentum: float = 0.99         # running-average decay of every BatchNorm (Keras default)
     depthwise_impl: str = "auto"      # layers.DepthwiseConv2D: auto | shift | conv
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
-        kw = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name)
+        kw = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                  bn_momentum=self.bn_momentum)
         dw = dict(kw, depthwise_impl=self.depthwise_impl)
         feats = EfficientNet(self.width_mult, self.depth_mult, self.drop_connect_rate,
                              tuple(self.taps), name="backbone", **dw)(x, train)
@@ -147,4 +150,4 @@ def build_model(cfg) -> TSFDNet:
         node_dropout=float(m.node_dropout), seg_third_term=bool(m.seg_third_term),
         num_labels=len(cfg.data.label_names), num_tissues=num_tissues,
         tissue_head=bool(m.tissue_head), classifier_dropout=float(m.classifier_dropout),
-        dtype=DTYPES[dtype])
+        bn_momentum=float(m.get("bn_momentum", 0.99)), dtype=DTYPES[dtype])
