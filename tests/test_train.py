@@ -12,8 +12,8 @@ from tsfd_jax import parallel
 from tsfd_jax.data.pipeline import to_global
 from tsfd_jax.models.tsfd import build_model
 from tsfd_jax.ops.preprocess import make_preprocess_fn
-from tsfd_jax.train import (TrainState, init_state, kernel_mask, make_optimizer, make_schedule,
-                            make_train_step)
+from tsfd_jax.train import (TrainState, fusion_kernel_mask, init_state, kernel_mask,
+                            make_optimizer, make_schedule, make_train_step)
 
 
 _VARIABLES: dict = {}
@@ -103,6 +103,38 @@ def test_weight_decay_only_on_kernels():
     np.testing.assert_allclose(updates["conv"]["kernel"], -0.5 * lr0 * np.ones((3, 3)), rtol=1e-6)
     assert float(jnp.abs(updates["conv"]["bias"]).max()) == 0.0
     assert float(jnp.abs(updates["bn"]["scale"]).max()) == 0.0
+
+
+def test_authors_l2_reaches_exactly_the_kernels_of_section_1_10():
+    from tsfd_jax.models.summary import abstract_variables
+    from tsfd_jax.models.tsfd import input_shape
+
+    cfg = tiny_config()
+    params = abstract_variables(build_model(cfg), input_shape(cfg))["params"]
+    paths = {"/".join(str(p.key) for p in path): bool(m) for path, m in
+             jax.tree_util.tree_flatten_with_path(fusion_kernel_mask(params))[0]}
+    chosen = {k for k, m in paths.items() if m}
+    # Independent count: 6 gating convs; every fusion node has one depthwise kernel plus one per
+    # FR block. Depthwise kernels elsewhere: the backbone's and the output blocks' (not chosen).
+    nodes = {k.rsplit("/", 2)[0] for k in paths
+             if k.endswith("/dwconv/kernel") and "/fr_" not in k
+             and not k.startswith(("backbone/", "seg_head/", "boundary_head/"))}
+    frs = {k for k in paths if "/fr_" in k and k.endswith("/dwconv/kernel")}
+    assert len(chosen) == 6 + len(nodes) + len(frs) and len(nodes) > 10 and len(frs) > 20
+    assert all(k.startswith(("gating/", "bifpn_", "decoders/")) for k in chosen)
+    assert not any(k.endswith(("bias", "scale")) or "/reduce/" in k or "/expand/" in k
+                   for k in chosen)
+    # The update: Keras' l2 * sum(w^2) has gradient 2 * l2 * w, on the chosen leaves only.
+    cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay = 1.0, 0.0, 0.0
+    cfg.optim.warmup_steps, cfg.total_steps, cfg.optim.l2_fusion = 0, 10**9, 4e-5
+    tx = make_optimizer(cfg)
+    values = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), params)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, values), tx.init(values), values)
+    lr0 = float(make_schedule(cfg)(0))
+    for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        name = "/".join(str(p.key) for p in path)
+        expect = -8e-5 * lr0 if name in chosen else 0.0
+        np.testing.assert_allclose(np.asarray(u), expect, rtol=1e-6, atol=0, err_msg=name)
 
 
 def test_nonfinite_loss_leaves_state_unchanged():

@@ -52,6 +52,21 @@ def kernel_mask(params: PyTree) -> PyTree:
     return flax.traverse_util.unflatten_dict({k: k[-1] == "kernel" for k in flat})
 
 
+def fusion_kernel_mask(params: PyTree) -> PyTree:
+    """True for the kernels the authors' code regularises (TSFD_FACTS §1.10): the gating convs
+    and the depthwise kernels of every BiFPN / decoder node and of every FR block."""
+    flat = flax.traverse_util.flatten_dict(params)
+
+    def selected(path: tuple[str, ...]) -> bool:
+        if path[-1] != "kernel":
+            return False
+        if path[0] == "gating":
+            return path[-2] == "conv"
+        return (path[0] == "decoders" or path[0].startswith("bifpn_")) and path[-2] == "dwconv"
+
+    return flax.traverse_util.unflatten_dict({k: selected(k) for k in flat})
+
+
 def make_optimizer(cfg) -> optax.GradientTransformation:
     parts = []
     if cfg.optim.grad_clip:
@@ -59,6 +74,10 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     if cfg.optim.weight_decay:
         # Decay added to the gradient before momentum: SGD weight decay as in the paper.
         parts.append(optax.add_decayed_weights(float(cfg.optim.weight_decay), mask=kernel_mask))
+    l2 = float(cfg.optim.get("l2_fusion", 0.0))
+    if l2:
+        # Keras' L2 adds l2 * sum(w^2) to the loss: its gradient is 2 * l2 * w.
+        parts.append(optax.add_decayed_weights(2.0 * l2, mask=fusion_kernel_mask))
     parts.append(optax.sgd(make_schedule(cfg), momentum=float(cfg.optim.momentum) or None,
                            nesterov=bool(cfg.optim.nesterov)))
     return optax.chain(*parts)
