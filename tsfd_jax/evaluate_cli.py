@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import ml_collections
 
@@ -21,10 +22,42 @@ def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
+EVAL_SECTIONS = ("postprocess", "eval")
+
+
+def apply_eval_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Apply ``--config.postprocess.*`` / ``--config.eval.*`` to a run's config.
+
+    Post-processing keys added since the run was trained take their defaults first, so an
+    older workdir accepts every current switch.
+    """
+    from dataclasses import asdict
+
+    from tsfd_jax.configs_cli import apply_override, split_overrides
+    from tsfd_jax.postprocess import PostprocessParams
+
+    for section in EVAL_SECTIONS:
+        if section not in cfg:
+            cfg[section] = ml_collections.ConfigDict()
+    for key, value in asdict(PostprocessParams()).items():
+        if key not in cfg.postprocess:
+            cfg.postprocess[key] = value
+    pairs, rest = split_overrides(list(overrides))
+    if rest:
+        raise UserError(f"unrecognized arguments: {' '.join(rest)}")
+    for key, raw in pairs:
+        if key.split(".")[0] not in EVAL_SECTIONS:
+            raise UserError(f"--config.{key}: evaluate changes only postprocess.* and eval.* "
+                            "(the model and data settings are the checkpoint's)")
+        apply_override(cfg, key, raw)
+
+
 def evaluate_workdir(workdir: str | Path, *, checkpoint: str = "best", data: str = "",
                      split: str = "", name: str = "", protocol: str = "official",
                      workers: int | None = None, max_images: int | None = None,
-                     overwrite: bool = False) -> Path:
+                     overwrite: bool = False, overrides: Sequence[str] = ()) -> Path:
+    """Evaluate a checkpoint of ``workdir``; ``overrides`` (``--config.postprocess.k=v`` /
+    ``--config.eval.k=v``) change only the post-processing and evaluation settings."""
     from tsfd_jax.checkpoints import restore_variables
     from tsfd_jax.data.resolve import eval_source
     from tsfd_jax.evaluate import evaluate_source
@@ -32,6 +65,7 @@ def evaluate_workdir(workdir: str | Path, *, checkpoint: str = "best", data: str
 
     workdir = Path(workdir)
     cfg = load_run_config(workdir)
+    apply_eval_overrides(cfg, overrides)
     variables, step = restore_variables(workdir, checkpoint)
     split = split or cfg.data.test_split
     source, label = eval_source(cfg, workdir, data, split)

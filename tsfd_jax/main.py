@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     overrides = [a for a in extra if a.startswith("--config.")]
     unknown = [a for i, a in enumerate(extra) if not a.startswith("--config.")
                and not (i > 0 and extra[i - 1].startswith("--config.") and "=" not in extra[i - 1])]
-    if unknown or (overrides and not hasattr(args, "config")):
+    takes_overrides = hasattr(args, "config") or getattr(args, "takes_config_overrides", False)
+    if unknown or (overrides and not takes_overrides):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     args.config_overrides = extra if overrides else []
     try:

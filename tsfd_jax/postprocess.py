@@ -9,6 +9,8 @@ The steps of the authors' code (scripts/morphology.py), every threshold and size
 3. argmax over the binary channels, background first (ties -> lowest index; nothing set ->
    background);
 4. majority class per 8-connected component (PAPER Eq. 16; ties -> smaller class label);
+   ``vote="nucleus"`` instead votes per region after step 5 has removed the boundaries, so two
+   touching nuclei of different classes are not merged into one class (not the paper's);
 5. boundary probability > boundary_threshold, thinned to 1 px (``thin``: Guo & Hall's
    two-subiteration thinning, the authors' ``bwmorph_thin`` = skimage ``thin``, zero padding),
    boundary pixels -> background;
@@ -40,6 +42,9 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import scipy.ndimage as ndi
+
+VOTES = ("component", "nucleus")
+_FOUR = ndi.generate_binary_structure(2, 1)
 
 # In-plane structures for labelling a (C, H, W) stack of class planes independently.
 _PLANE4 = np.zeros((3, 3, 3), bool)
@@ -104,6 +109,7 @@ class PostprocessParams:
     closing_size: int = 3
     erosion_size: int = 3
     dilation_size: int = 3
+    vote: str = "component"  # majority class per: component (paper, authors) | nucleus
 
     @classmethod
     def of(cls, cfg_pp: Any) -> "PostprocessParams":
@@ -118,6 +124,8 @@ class PostprocessParams:
             size = int(getattr(params, name))
             if size > 1 and size % 2 == 0:
                 raise ValueError(f"postprocess.{name} must be odd (or 0/1 = off); got {size}")
+        if params.vote not in VOTES:
+            raise ValueError(f"postprocess.vote must be one of {VOTES}; got {params.vote!r}")
         return params
 
 
@@ -207,15 +215,22 @@ def semantic_map(seg_prob: np.ndarray, params: PostprocessParams) -> np.ndarray:
     for c in range(C, 0, -1):  # argmax over binary channels: the lowest set index wins
         sem[planes[c - 1]] = c
     sem[binary[..., 0]] = 0
-    # Majority class per 8-connected component (Eq. 16); argmax picks the smaller label on ties.
-    comp, n = ndi.label(sem > 0, structure=_EIGHT)
-    if n:
-        counts = np.bincount((comp * (C + 1) + sem).ravel(), minlength=(n + 1) * (C + 1))
-        counts = counts.reshape(n + 1, C + 1)[:, 1:]
-        majority = np.argmax(counts, axis=1) + 1
-        majority[0] = 0
-        sem = majority[comp]
+    if params.vote == "component":
+        sem = majority_vote(sem, _EIGHT, C)  # Eq. 16, before the boundaries split components
     return sem.astype(np.int32)
+
+
+def majority_vote(sem: np.ndarray, structure: np.ndarray, num_classes: int) -> np.ndarray:
+    """Every connected component of ``sem > 0`` gets its most frequent class (ties: smaller)."""
+    C = num_classes
+    comp, n = ndi.label(sem > 0, structure=structure)
+    if not n:
+        return sem
+    counts = np.bincount((comp * (C + 1) + sem).ravel(), minlength=(n + 1) * (C + 1))
+    counts = counts.reshape(n + 1, C + 1)[:, 1:]
+    majority = np.argmax(counts, axis=1) + 1
+    majority[0] = 0
+    return majority[comp]
 
 
 def separate_instances(sem: np.ndarray, boundary: np.ndarray, params: PostprocessParams,
@@ -279,6 +294,11 @@ def postprocess(seg_prob: np.ndarray, boundary_prob: np.ndarray, cfg_pp: Any = N
                          f"{seg_prob.shape} and {boundary_prob.shape}")
     sem = semantic_map(seg_prob, params)
     boundary = thin(boundary_prob > params.boundary_threshold)
+    if params.vote == "nucleus":
+        # One class per nucleus: the vote runs on the regions the 1-px boundaries separate
+        # (4-connected, since an 8-connected thin line only separates 4-connected regions), so
+        # touching nuclei of different classes keep their own classes.
+        sem = majority_vote(np.where(boundary, 0, sem), _FOUR, seg_prob.shape[-1] - 1)
     return separate_instances(sem, boundary, params, seg_prob.shape[-1] - 1, seg_prob)
 
 

@@ -1,5 +1,9 @@
 """``python -m tsfd_jax evaluate --workdir W [--checkpoint best|last|STEP] [--data PATH]``.
 
+``--config.postprocess.KEY=V`` and ``--config.eval.KEY=V`` change the post-processing and the
+evaluation settings of the run's config for this evaluation (e.g. ``postprocess.vote=nucleus``);
+everything else comes from the workdir's config.json, since the checkpoint fixes the model.
+
 Writes ``W/eval/<name>/``: masks.npy (PanNuke layout, int32) + types.npy, true/masks.npy +
 true/types.npy (the ground truth in the same layout, for the official PanNuke-metrics run.py),
 report.json, report.md (paper Tables 8-10 layout) and plots.
@@ -23,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="post-processing processes")
     p.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images")
     p.add_argument("--overwrite", action="store_true", help="replace an existing eval folder")
+    p.set_defaults(takes_config_overrides=True)
 
 
 def run(args) -> int:
@@ -31,6 +36,6 @@ def run(args) -> int:
     out = evaluate_workdir(args.workdir, checkpoint=args.checkpoint, data=args.data,
                            split=args.split, name=args.name, protocol=args.protocol,
                            workers=args.workers, max_images=args.max_images or None,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, overrides=args.config_overrides)
     print(f"report: {out / 'report.md'}")
     return 0

@@ -1,0 +1,57 @@
+"""evaluate command: which config overrides it accepts, and older workdirs."""
+
+from __future__ import annotations
+
+import json
+
+import ml_collections
+import pytest
+
+from configs import default
+from tsfd_jax.errors import UserError
+from tsfd_jax.evaluate_cli import apply_eval_overrides, load_run_config
+from tsfd_jax.main import main
+from tsfd_jax.postprocess import PostprocessParams
+
+
+def _old_run_config(tmp_path):
+    """A workdir config.json written before postprocess.vote existed."""
+    cfg = default.get_config().to_dict()
+    del cfg["postprocess"]["vote"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return load_run_config(tmp_path)
+
+
+def test_postprocess_overrides_apply_to_an_older_run_config(tmp_path):
+    cfg = _old_run_config(tmp_path)
+    apply_eval_overrides(cfg, [])
+    assert cfg.postprocess.vote == "component"  # the default filled in
+    apply_eval_overrides(cfg, ["--config.postprocess.vote=nucleus",
+                               "--config.postprocess.min_size", "30"])
+    params = PostprocessParams.of(cfg.postprocess)
+    assert (params.vote, params.min_size) == ("nucleus", 30)
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--config.model.num_bifpn=1", "only postprocess"),
+    ("--config.postprocess.min_sizes=3", "did you mean min_size"),
+    ("--config.postprocess.min_size=abc", "min_size"),
+])
+def test_other_overrides_are_refused(tmp_path, arg, message):
+    cfg = _old_run_config(tmp_path)
+    with pytest.raises(UserError, match=message):
+        apply_eval_overrides(cfg, [arg])
+
+
+def test_unknown_vote_names_the_key():
+    cfg = ml_collections.ConfigDict({"vote": "majority"})
+    with pytest.raises(ValueError, match="postprocess.vote"):
+        PostprocessParams.of(cfg)
+
+
+def test_command_line_accepts_overrides_and_names_a_missing_workdir(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--workdir", str(tmp_path / "none"),
+              "--config.postprocess.vote=nucleus"])
+    assert e.value.code == 2
+    assert "not a training workdir" in capsys.readouterr().err
