@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs.default import get_config
-from tsfd_jax.ops.preprocess import make_preprocess_fn
+from tsfd_jax.ops.preprocess import make_preprocess_fn, model_inputs
 from tsfd_jax.ops.resize import downsample2x, resize_bilinear, resize_nearest, upsample2x
 from tsfd_jax.ops.stain import stain_channels
 from tsfd_jax.ops.targets import boundary_target
@@ -106,6 +106,9 @@ def test_eval_outputs_for_each_channel_set(batch, channels, n):
     np.testing.assert_array_equal(np.asarray(targets["weight"]),
                                   np.broadcast_to(batch["valid"][:, None, None], (B, H, H)))
     assert np.asarray(inputs).min() >= 0 and np.asarray(inputs).max() <= 1
+    # model_inputs (what evaluation and prediction feed the network) is the same function.
+    alone = jax.jit(lambda im: model_inputs(im, cfg))(batch["image"])
+    np.testing.assert_array_equal(np.asarray(alone), np.asarray(inputs))
 
 
 def test_drop_r_at_inference_only(batch):

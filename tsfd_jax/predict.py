@@ -452,27 +452,9 @@ def predict_image(image: np.ndarray, predict_fn: PredictFn, cfg, *, tile: int | 
 
 def _inputs_fn(cfg) -> Callable:
     """images uint8 (B, t, t, 3) -> network inputs, exactly as evaluation prepares them."""
-    try:
-        from tsfd_jax.ops.preprocess import model_inputs
-    except ImportError:
-        model_inputs = None
-    if model_inputs is not None:
-        return lambda images: model_inputs(images, cfg)
-    import jax
-    import jax.numpy as jnp
+    from tsfd_jax.ops.preprocess import model_inputs
 
-    from tsfd_jax.ops.preprocess import make_preprocess_fn
-
-    preprocess = make_preprocess_fn(cfg)
-
-    def inputs(images):
-        b, h, w = images.shape[:3]
-        zeros = jnp.zeros((b, h, w), jnp.int32)
-        batch = {"image": images, "inst": zeros, "cls": zeros,
-                 "tissue": jnp.zeros((b,), jnp.int32), "valid": jnp.ones((b,), bool)}
-        return preprocess(batch, jax.random.key(0), False)[0]
-
-    return inputs
+    return lambda images: model_inputs(images, cfg)
 
 
 def check_tile(cfg, tile: int | None = None, overlap: int | None = None) -> int:

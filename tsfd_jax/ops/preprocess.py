@@ -28,14 +28,8 @@ from tsfd_jax.ops.targets import boundary_target
 CHANNEL_SETS = {"rgb": 3, "rgb_he": 5, "rgb_her": 6}
 
 
-def make_preprocess_fn(cfg) -> Callable[[dict, jax.Array, bool], tuple[jax.Array, dict]]:
-    """``fn(batch, key, train) -> (inputs, targets)`` for the config ``cfg``.
-
-    batch: image uint8 (B, H, W, 3), inst int (B, H, W), cls int (B, H, W), tissue int32 (B,),
-    valid bool (B,). Returns inputs float32 (B, S, S, n_ch) and targets
-    {cls int32 (B, H, W), boundary float32 (B, H, W), tissue int32 (B,), weight float32 (B, H, W)}.
-    Same key -> same output; works with the batch sharded over a mesh axis (AxisType.Auto).
-    """
+def _input_settings(cfg) -> dict:
+    """The ``cfg.input`` values the network input depends on, checked."""
     channels = str(cfg.input.channels)
     if channels not in CHANNEL_SETS:
         raise ValueError(f"unknown input.channels {channels!r}; expected one of {list(CHANNEL_SETS)}")
@@ -45,8 +39,46 @@ def make_preprocess_fn(cfg) -> Callable[[dict, jax.Array, bool], tuple[jax.Array
     scaling = str(cfg.input.stain_scaling)
     if scaling not in SCALINGS:
         raise ValueError(f"unknown input.stain_scaling {scaling!r}; expected one of {SCALINGS}")
-    size = int(cfg.input.size)
-    drop_r = bool(cfg.input.drop_r_at_inference)
+    return {"channels": channels, "matrix": matrix, "scaling": scaling,
+            "size": int(cfg.input.size), "drop_r": bool(cfg.input.drop_r_at_inference)}
+
+
+def _network_inputs(image: jax.Array, content: jax.Array | None, train: bool, channels: str,
+                    matrix: str, scaling: str, size: int, drop_r: bool) -> jax.Array:
+    """Steps 3-5: float RGB (B, H, W, 3) at label size -> inputs (B, S, S, n_ch) float32."""
+    rgb = resize_bilinear(image, (size, size))
+    parts = [rgb / 255.0]
+    if channels != "rgb":
+        mask = None if content is None else resize_nearest(content, (size, size))
+        stains = stain_channels(rgb, matrix, scaling, mask)
+        if channels == "rgb_he":
+            stains = stains[..., :2]
+        elif drop_r and not train:
+            stains = stains.at[..., 2].set(0.0)
+        parts.append(stains)
+    return jnp.concatenate(parts, axis=-1).astype(jnp.float32)
+
+
+def model_inputs(images: jax.Array, cfg) -> jax.Array:
+    """Network inputs of un-augmented images, as evaluation and prediction feed the model.
+
+    images: (B, H, W, 3) RGB, uint8 or float in 0..255, at the label size ``data.image_size``.
+    Returns (B, S, S, n_ch) float32 with S = ``input.size``; equal to
+    ``make_preprocess_fn(cfg)(batch, key, train=False)[0]``.
+    """
+    settings = _input_settings(cfg)
+    return _network_inputs(jnp.asarray(images).astype(jnp.float32), None, False, **settings)
+
+
+def make_preprocess_fn(cfg) -> Callable[[dict, jax.Array, bool], tuple[jax.Array, dict]]:
+    """``fn(batch, key, train) -> (inputs, targets)`` for the config ``cfg``.
+
+    batch: image uint8 (B, H, W, 3), inst int (B, H, W), cls int (B, H, W), tissue int32 (B,),
+    valid bool (B,). Returns inputs float32 (B, S, S, n_ch) and targets
+    {cls int32 (B, H, W), boundary float32 (B, H, W), tissue int32 (B,), weight float32 (B, H, W)}.
+    Same key -> same output; works with the batch sharded over a mesh axis (AxisType.Auto).
+    """
+    settings = _input_settings(cfg)
     augment_cfg = cfg.augment.to_dict() if hasattr(cfg.augment, "to_dict") else dict(cfg.augment)
     augment_on = bool(augment_cfg.get("enabled", False))
     frame_width = int(cfg.targets.frame_width)
@@ -68,17 +100,7 @@ def make_preprocess_fn(cfg) -> Callable[[dict, jax.Array, bool], tuple[jax.Array
             content = None
 
         boundary = boundary_target(inst, cls, content, frame_width)
-        rgb = resize_bilinear(image, (size, size))
-        parts = [rgb / 255.0]
-        if channels != "rgb":
-            mask = None if content is None else resize_nearest(content, (size, size))
-            stains = stain_channels(rgb, matrix, scaling, mask)
-            if channels == "rgb_he":
-                stains = stains[..., :2]
-            elif drop_r and not train:
-                stains = stains.at[..., 2].set(0.0)
-            parts.append(stains)
-        inputs = jnp.concatenate(parts, axis=-1).astype(jnp.float32)
+        inputs = _network_inputs(image, content, train, **settings)
         targets = {
             "cls": cls,
             "boundary": boundary,
