@@ -148,16 +148,22 @@ def test_nonfinite_loss_leaves_state_unchanged():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("steps", [250])
-def test_overfits_four_images(steps):
-    """A tiny config learns 4 fixed images: the loss falls well below its start (the paper's
-    focal Tversky keeps a floor from classes absent in the batch) and foreground Dice > 0.9."""
+def test_overfits_four_images():
+    """A small config learns 4 fixed images: the loss falls far below its start (the paper's
+    focal Tversky keeps a floor from classes absent in the batch) and foreground Dice > 0.9.
+
+    Width 0.25 (not the tiny 0.1) and 600 steps: the paper's losses learn the rarer classes of
+    the 4 images late (a class the model never predicts contributes a nearly flat focal Tversky
+    term), and the 0.1-wide model plateaus at Dice 0.74-0.78 with one class unlearnt.
+    """
+    steps = 600
     cfg = tiny_config(batch=4)
     cfg.augment.enabled = False
     cfg.model.gating_dropout = cfg.model.node_dropout = cfg.model.classifier_dropout = 0.0
     cfg.model.drop_connect_rate = 0.0
-    cfg.optim.lr, cfg.optim.warmup_steps, cfg.total_steps = 0.05, 20, steps
+    cfg.model.width_mult = 0.25
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.total_steps = 0.1, 20, steps
     batch = disc_batch(4, 32, seed=3)
     _, last, history = _run_steps(cfg, jax.devices()[:1], [batch] * steps)
-    assert last["loss"] < 0.5 * history[0]["loss"]
+    assert last["loss"] < 0.25 * history[0]["loss"]
     assert last["dice"] > 0.9
