@@ -17,11 +17,11 @@ on 2 shared cores), too slow for the hour this config aims at.
       --config.data.root ../shared/data/consep/train
   python -m tsfd_jax evaluate --workdir runs/consep --name val
 
-Expected on 2 CPU cores: 900 steps of batch 8 (about 21 epochs of the 336 training tiles). The
+Expected on 2 CPU cores: 600 steps of batch 8 (about 14 epochs of the 336 training tiles). The
 whole training step (augmentation, stain channels, forward, backward) ran at 1.7-2.8 images/s,
 i.e. 3-5 s per step, on 2 cores shared with other jobs (forward + backward alone: 1.0-3.2 s);
 preparing the tiles and compiling take about 3 minutes; a validation pass over the 96 held-out
-tiles runs every 300 steps. About 30-70 minutes in all, depending on the load of the machine.
+tiles runs every 300 steps. About 20-50 minutes in all, depending on the load of the machine.
 
 Variant ``:paper`` is the paper's network (B4, C_GB = 160, 3 BiFPNs, 512 input, batch 16,
 150 epochs of the training tiles, 3-epoch warm-up) on the same data, for a GPU. The variants of
@@ -74,7 +74,7 @@ def get_config(arg: str | None = None):
 
     c.optim.lr = 0.05
     c.optim.warmup_steps = 60
-    c.total_steps = 900
+    c.total_steps = 600
     c.log_every_steps = 25
     c.eval_every_steps = 300
     c.checkpoint_every_steps = 300
