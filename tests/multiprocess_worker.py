@@ -1,8 +1,9 @@
 """One process of the multi-process training test (run by tests/test_distributed.py).
 
 usage: python tests/multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz
-Each process has 2 CPU devices and feeds its half of every global batch; process 0 writes the
-final parameters.
+Each process has 2 CPU devices and feeds its half of every global batch; then every process
+evaluates 10 examples (its shard on device, every image on the host). Process 0 writes the final
+parameters and the evaluation's metrics.
 """
 
 import sys
@@ -46,8 +47,18 @@ for s in range(STEPS):
     batch = disc_batch(GLOBAL_BATCH, 32, seed=s, dark_half=True)
     local = {k: v[lo:lo + per] for k, v in batch.items()}
     state, metrics = step(state, to_global(local, mesh))
+
+from tsfd_jax.evaluate import evaluate_source  # noqa: E402
+
+held_out = disc_batch(10, 32, seed=9)
+source = [{"image": held_out["image"][i], "inst": held_out["inst"][i],
+           "cls": held_out["cls"][i], "tissue": held_out["tissue"][i], "key": f"example-{i}"}
+          for i in range(10)]
+report = evaluate_source(cfg, state.variables(), source, mesh=mesh, with_report=True, workers=0)
+assert report["keys"] == [f"example-{i}" for i in range(10)], report["keys"]
 state = jax.device_get(parallel.fetch(state))
 if jax.process_index() == 0:
     flat = flax.traverse_util.flatten_dict({"params": state.params,
                                             "batch_stats": state.batch_stats}, sep="/")
-    np.savez(out, **{k: np.asarray(v) for k, v in flat.items()})
+    metrics = {f"eval/{k}": np.float64(v) for k, v in report["summary"].items()}
+    np.savez(out, **{k: np.asarray(v) for k, v in flat.items()}, **metrics)

@@ -167,3 +167,10 @@ def test_overfits_four_images():
     _, last, history = _run_steps(cfg, jax.devices()[:1], [batch] * steps)
     assert last["loss"] < 0.25 * history[0]["loss"]
     assert last["dice"] > 0.9
+
+
+def test_fetch_gives_numpy_and_keeps_prng_keys():
+    out = parallel.fetch({"rng": jax.random.key(3), "x": jnp.ones(2)})
+    assert isinstance(out["x"], np.ndarray)
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(out["rng"])),
+                                  np.asarray(jax.random.key_data(jax.random.key(3))))

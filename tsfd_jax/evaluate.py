@@ -29,6 +29,28 @@ def eval_batch_size(cfg, mesh) -> int:
     return -(-b // n) * n
 
 
+KEY_BYTES = 512  # example keys travel between processes as fixed-width UTF-8
+
+
+def gather_host_batch(batch: dict) -> dict:
+    """Every process's host batch concatenated in process order (a collective: all call it)."""
+    from jax.experimental import multihost_utils
+
+    arrays = {k: np.asarray(v) for k, v in batch.items()
+              if not isinstance(v, (list, tuple, str)) and np.asarray(v).dtype.kind not in "USO"}
+    keys = batch.get("key")
+    if keys is not None:
+        encoded = np.zeros((len(keys), KEY_BYTES), np.uint8)
+        for row, key in enumerate(keys):
+            raw = str(key).encode()[:KEY_BYTES]
+            encoded[row, :len(raw)] = np.frombuffer(raw, np.uint8)
+        arrays["key"] = encoded
+    out = {k: np.asarray(v) for k, v in multihost_utils.process_allgather(arrays, tiled=True).items()}
+    if keys is not None:
+        out["key"] = [bytes(row).rstrip(b"\0").decode(errors="replace") for row in out["key"]]
+    return out
+
+
 def predict_batches(cfg, variables: dict, source, *, mesh=None,
                     max_images: int | None = None) -> Iterator[tuple[dict, dict]]:
     """Yield (host batch, host outputs) with probabilities, only valid examples kept."""
@@ -48,11 +70,14 @@ def predict_batches(cfg, variables: dict, source, *, mesh=None,
         if max_images is not None and seen >= max_images:
             break
         out = parallel.fetch(step(variables, to_global(batch, mesh)))
+        if jax.process_count() > 1:
+            # The outputs are the global batch (every process's rows, in process order): give
+            # every process the matching inputs, so all compute the same metrics.
+            batch = gather_host_batch(batch)
         valid = np.asarray(batch["valid"], bool)
         if max_images is not None:
-            keep = np.flatnonzero(valid)[: max_images - seen]
-            valid = np.zeros_like(valid)
-            valid[keep] = True
+            # The first max_images of the source, whichever process's shard they are in.
+            valid &= np.asarray(batch["index"]) < max_images
         seen += int(valid.sum())
         host = {k: (np.asarray(v)[valid] if not isinstance(v, list)
                     else [x for x, ok in zip(v, valid) if ok]) for k, v in batch.items()}
@@ -100,9 +125,11 @@ def evaluate_source(cfg, variables: dict, source, *, mesh=None, max_images: int 
         rebuilt = np.zeros(shape, np.int32)
     elif protocol != "official":
         raise ValueError(f"unknown evaluation protocol {protocol!r} (official | tsfd)")
-    types, keys, tissue_true, tissue_prob = [], [], [], []
+    # Per-image results go to the image's source position: under several processes the images
+    # arrive interleaved (each process's shard in turn), and the outputs stay in source order.
+    types, keys, tissue_true, tissue_prob = ([None] * n_total for _ in range(4))
     pr_scores, pr_labels = [], []
-    true_inst, pred_inst = [], []
+    true_inst, pred_inst = [None] * n_total, [None] * n_total
     examples: list[dict] = []
     loss_sum = dice_sum = 0.0
     timings = {"device_s": 0.0, "postprocess_s": 0.0}
@@ -131,25 +158,26 @@ def evaluate_source(cfg, variables: dict, source, *, mesh=None, max_images: int 
     for results in postprocess_stream(seg_stream(), cfg.postprocess, workers):
         host, out = pending_hosts.pop(0)
         for j, inst in enumerate(results):
-            pred_masks[i] = to_pannuke_layout(inst.inst, inst.classes, num_classes)
-            true_masks[i] = _truth_layout(host["inst"][j], host["cls"][j], num_classes)
+            k = int(host["index"][j])
+            pred_masks[k] = to_pannuke_layout(inst.inst, inst.classes, num_classes)
+            true_masks[k] = _truth_layout(host["inst"][j], host["cls"][j], num_classes)
             if protocol == "tsfd":
                 # Ground truth rebuilt the authors' way (TSFD_FACTS §6.3), for comparison only.
                 gt = rebuild_tsfd_ground_truth(
                     host["inst"][j], host["cls"][j], cfg.postprocess, num_classes=num_classes,
                     frame_width=int(cfg.targets.frame_width))
-                rebuilt[i] = to_pannuke_layout(gt.inst, gt.classes, num_classes)
+                rebuilt[k] = to_pannuke_layout(gt.inst, gt.classes, num_classes)
             tissue = int(host["tissue"][j])
-            types.append(tissue_names[tissue] if tissue < len(tissue_names) else str(tissue))
-            keys.append(host["key"][j] if "key" in host else str(i))
-            tissue_true.append(tissue)
+            types[k] = tissue_names[tissue] if tissue < len(tissue_names) else str(tissue)
+            keys[k] = host["key"][j] if "key" in host else str(k)
+            tissue_true[k] = tissue
             if "tissue_prob" in out:
-                tissue_prob.append(out["tissue_prob"][j])
-            true_inst.append(instances_from_pannuke(true_masks[i]))
-            pred_inst.append(instances_from_pannuke(pred_masks[i]))
+                tissue_prob[k] = out["tissue_prob"][j]
+            true_inst[k] = instances_from_pannuke(true_masks[k])
+            pred_inst[k] = instances_from_pannuke(pred_masks[k])
             if with_report and len(examples) < OVERLAY_EXAMPLES:
-                examples.append({"image": np.asarray(host["image"][j]), "true": true_masks[i].copy(),
-                                 "pred": pred_masks[i].copy()})
+                examples.append({"image": np.asarray(host["image"][j]), "true": true_masks[k].copy(),
+                                 "pred": pred_masks[k].copy()})
             flat_p = out["seg_prob"][j].reshape(-1, num_classes + 1)
             pick = rng.choice(len(flat_p), min(PR_PIXELS_PER_IMAGE, len(flat_p)), replace=False)
             pr_scores.append(flat_p[pick])
@@ -157,7 +185,8 @@ def evaluate_source(cfg, variables: dict, source, *, mesh=None, max_images: int 
             i += 1
     timings["postprocess_s"] = time.perf_counter() - t_pp - timings["device_s"]
     n = i
-    pred_masks, true_masks = pred_masks[:n], true_masks[:n]
+    if n != n_total:
+        raise RuntimeError(f"evaluated {n} images, expected {n_total}")
     types_arr = np.asarray(types, dtype=str)
 
     t = time.perf_counter()
@@ -170,7 +199,7 @@ def evaluate_source(cfg, variables: dict, source, *, mesh=None, max_images: int 
                             "loss": loss_sum / max(n, 1), "dice": dice_sum / max(n, 1),
                             "det_F1": det["F1d"]}
     tissue = None
-    if tissue_prob:
+    if n and tissue_prob[0] is not None:
         tissue = tissue_stats(np.asarray(tissue_true), np.stack(tissue_prob).argmax(-1),
                               tissue_names)
         flat["tissue_accuracy"] = tissue["accuracy"]

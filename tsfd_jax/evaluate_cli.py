@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import ml_collections
 
 from tsfd_jax.errors import UserError
@@ -70,19 +71,24 @@ def evaluate_workdir(workdir: str | Path, *, checkpoint: str = "best", data: str
     split = split or cfg.data.test_split
     source, label = eval_source(cfg, workdir, data, split)
     out_dir = workdir / "eval" / (name or f"{label}-step{step}")
-    if out_dir.exists():
-        if not overwrite:
-            raise UserError(f"{out_dir}: already exists; pass --overwrite or another --name")
-        shutil.rmtree(out_dir)
+    # Under jax.distributed every process evaluates every image; process 0 writes.
+    writer = jax.process_index() == 0
+    if out_dir.exists() and not overwrite:
+        raise UserError(f"{out_dir}: already exists; pass --overwrite or another --name")
     partial = out_dir.with_name(f".{out_dir.name}.partial")
-    if partial.exists():
-        shutil.rmtree(partial)
+    if writer:
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        if partial.exists():
+            shutil.rmtree(partial)
     report = evaluate_source(cfg, variables, source, max_images=max_images, with_report=True,
-                             out_dir=partial, workers=workers, protocol=protocol)
+                             out_dir=partial if writer else None, workers=workers,
+                             protocol=protocol)
     report["checkpoint_step"] = step
     report["data"] = {"source": data or cfg.data.root, "split": split}
-    write_report(report, partial, f"TSFD-Net evaluation: {label}, checkpoint step {step}")
-    partial.rename(out_dir)
+    if writer:
+        write_report(report, partial, f"TSFD-Net evaluation: {label}, checkpoint step {step}")
+        partial.rename(out_dir)
     print(summary_table(report))
     return out_dir
 

@@ -61,6 +61,10 @@ def fetch(tree: Any) -> Any:
     """Device values -> numpy on this host (each process gets the full value of replicated or
     fully addressable arrays; sharded arrays are gathered to every process)."""
     def one(x):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            # Typed PRNG keys have no numpy form: fetch their data and wrap it again.
+            return jax.random.wrap_key_data(one(jax.random.key_data(x)),
+                                            impl=jax.random.key_impl(x))
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             from jax.experimental import multihost_utils
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
