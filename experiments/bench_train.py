@@ -1,0 +1,172 @@
+"""Training speed: images/s of the whole jitted train step, and MFU from the XLA FLOP count.
+
+The step timed is the one ``python -m tsfd_jax train`` runs (``train.make_train_step``): on-device
+augmentation, stain channels and targets, the model in training mode, the paper losses, the
+gradient, the SGD update; jitted over a mesh of all local devices, batch sharded, state
+replicated and donated. Rows:
+- a tiny model (configs/tiny.py widths) at 64 px, for quick comparisons between machines;
+- the full model (configs/default.py) at ``--size`` (512), float32 and bfloat16 compute.
+Each row: compile + first step, ``--warmup`` untimed steps, ``--iters`` timed steps. The batch
+is synthetic PanNuke (data/synthetic.py) at label size ``--size / 2`` as in the paper (512 input,
+256 labels), the same batch every step (the input pipeline is measured by bench_input.py).
+
+FLOPs are XLA's cost analysis of the lowered (not yet optimised) step for the global batch.
+MFU = achieved FLOP/s / peak FLOP/s of the devices: the peak comes from ``--peak-tflops`` or,
+for known accelerators, from the table below (dense bf16 tensor-core peak for bfloat16 rows,
+dense TF32 peak for float32 rows on NVIDIA, where XLA uses TF32 for float32 matmuls by default).
+CPU rows report FLOP/s only.
+
+  python experiments/bench_train.py --out bench_train.json                  # CPU: tiny + full
+  python experiments/bench_train.py --batch 16 --iters 20 --out bench_train_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.bench_model import machine, write_json  # noqa: E402
+
+# Peak dense TFLOP/s per device: (bfloat16, float32 as XLA computes it by default).
+PEAK_TFLOPS = {
+    "H100": (989.0, 494.0),   # SXM; float32 matmuls run as TF32
+    "H200": (989.0, 494.0),
+    "A100": (312.0, 156.0),
+    "TPU v4": (275.0, 275.0),  # TPU float32 matmuls use bf16 passes by default
+    "TPU v5 lite": (197.0, 197.0),
+    "TPU v5": (459.0, 459.0),
+}
+
+
+def peak_tflops(device_kind: str, dtype: str, override: float) -> float | None:
+    if override:
+        return override
+    for name, (bf16, fp32) in PEAK_TFLOPS.items():
+        if name.lower() in device_kind.lower():
+            return bf16 if dtype == "bfloat16" else fp32
+    return None
+
+
+def synthetic_batch(batch: int, label_size: int, num_tissues: int, seed: int = 0) -> dict:
+    """A host batch in the pipeline's contract (data/pipeline.py) from synthetic PanNuke."""
+    import numpy as np
+
+    from tsfd_jax.data.synthetic import generate
+
+    images, masks, _ = generate(batch, seed, image_size=label_size)
+    inst = np.zeros(masks.shape[:3], np.int32)
+    cls = np.zeros(masks.shape[:3], np.uint8)
+    offset = 0
+    for c in range(5):
+        ids = masks[..., c].astype(np.int32)
+        inst = np.where(ids > 0, ids + offset, inst)
+        cls = np.where(ids > 0, c + 1, cls).astype(np.uint8)
+        offset += int(ids.max()) + 1
+    rng = np.random.default_rng(seed)
+    return {"image": images.astype(np.uint8), "inst": inst, "cls": cls,
+            "tissue": rng.integers(0, num_tissues, batch).astype(np.int32),
+            "valid": np.ones(batch, bool), "index": np.arange(batch, dtype=np.int32)}
+
+
+def bench_step(cfg, batch: int, label_size: int, warmup: int, iters: int) -> dict:
+    import time
+
+    import jax
+
+    from tsfd_jax import parallel
+    from tsfd_jax.data.pipeline import to_global
+    from tsfd_jax.models.tsfd import build_model
+    from tsfd_jax.ops.preprocess import make_preprocess_fn
+    from tsfd_jax.train import init_state, make_optimizer, make_train_step
+
+    mesh = parallel.make_mesh(("data",))
+    parallel.check_batch_size(batch, mesh)
+    repl, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    cfg.data.global_batch_size = batch
+    model = build_model(cfg)
+    tx = make_optimizer(cfg)
+    state = init_state(cfg, model, tx, jax.random.key(0), repl)
+    host = synthetic_batch(batch, label_size, max(len(cfg.data.tissue_names), 2))
+    data = to_global(host, mesh)
+    step = jax.jit(make_train_step(cfg, model, tx, make_preprocess_fn(cfg)),
+                   in_shardings=(repl, sharded), out_shardings=(repl, repl), donate_argnums=(0,))
+    t0 = time.perf_counter()
+    lowered = step.lower(state, data)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    # The FLOPs of the program as written (before XLA's rewrites: XLA:CPU turns the depthwise
+    # convolutions' gradients into dense ones, which would inflate the count ~10x there).
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0))
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, data)
+    jax.block_until_ready(metrics)
+    first_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        state, metrics = compiled(state, data)
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        state, metrics = compiled(state, data)
+    jax.block_until_ready(metrics)
+    per_step = (time.perf_counter() - t0) / max(iters, 1)
+    loss = float(jax.device_get(metrics["loss"]))
+    return {"compile_s": compile_s, "first_step_s": first_s, "s_per_step": per_step,
+            "images_per_s": batch / per_step, "step_gflops": flops / 1e9,
+            "achieved_tflops": flops / per_step / 1e12, "devices": mesh.size,
+            "last_loss": loss}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=2, help="global batch of the full model")
+    p.add_argument("--size", type=int, default=512, help="input size of the full model")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
+    p.add_argument("--iters", type=int, default=3, help="timed steps")
+    p.add_argument("--tiny-batch", type=int, default=8)
+    p.add_argument("--tiny-iters", type=int, default=10)
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--no-full", action="store_true", help="tiny row only")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="peak TFLOP/s of one device for MFU (default: known accelerators)")
+    p.add_argument("--out", default="", help="JSON file for the results")
+    args = p.parse_args()
+
+    from configs import default, tiny
+
+    info = machine()
+    rows = []
+    print(f"{'model':<6} {'dtype':<9} {'size':>4} {'batch':>5} {'images/s':>9} {'s/step':>8} "
+          f"{'compile (s)':>11} {'GFLOP/step':>10} {'TFLOP/s':>8} {'MFU':>6}")
+
+    def run(name: str, cfg, size: int, batch: int, iters: int) -> None:
+        cfg.input.size, cfg.data.image_size = size, size // 2
+        r = bench_step(cfg, batch, size // 2, args.warmup, iters)
+        dtype = str(cfg.model.dtype)
+        peak = peak_tflops(info["device_kind"], dtype, args.peak_tflops)
+        r["mfu"] = r["achieved_tflops"] / (peak * r["devices"]) if peak else None
+        row = {"model": name, "dtype": dtype, "size": size, "batch": batch, **r}
+        rows.append(row)
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(f"{name:<6} {dtype:<9} {size:>4} {batch:>5} {r['images_per_s']:>9.2f} "
+              f"{r['s_per_step']:>8.3f} {r['compile_s']:>11.1f} {r['step_gflops']:>10.1f} "
+              f"{r['achieved_tflops']:>8.3f} {mfu:>6}", flush=True)
+
+    run("tiny", tiny.shrink(default.get_config()), 64, args.tiny_batch, args.tiny_iters)
+    if not args.no_full:
+        for dtype in args.dtypes.split(","):
+            cfg = default.get_config()
+            cfg.model.dtype = dtype
+            run("tsfd", cfg, args.size, args.batch, args.iters)
+
+    if args.out:
+        write_json(args.out, {"machine": info, "args": vars(args), "rows": rows})
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
