@@ -55,3 +55,29 @@ def test_command_line_accepts_overrides_and_names_a_missing_workdir(tmp_path, ca
               "--config.postprocess.vote=nucleus"])
     assert e.value.code == 2
     assert "not a training workdir" in capsys.readouterr().err
+
+
+def test_evaluation_without_tissue_labels_averages_over_images():
+    """A dataset without tissues (CoNSeP, image folders): mPQ and bPQ are numbers, the images
+    forming one group "all" (averaging over an empty tissue list gave NaN)."""
+    import numpy as np
+
+    from configs import tiny
+    from tests.test_model import random_variables
+    from tests.train_utils import disc_batch
+    from tsfd_jax.evaluate import evaluate_source
+    from tsfd_jax.models.summary import abstract_variables
+    from tsfd_jax.models.tsfd import build_model, input_shape
+
+    cfg = tiny.get_config()
+    cfg.data.tissue_names = ()
+    cfg.model.tissue_head = False
+    model = build_model(cfg)
+    variables = random_variables(abstract_variables(model, input_shape(cfg)), seed=1)
+    b = disc_batch(6, 32, seed=4)
+    source = [{"image": b["image"][i], "inst": b["inst"][i], "cls": b["cls"][i], "tissue": 0,
+               "key": f"x{i}"} for i in range(6)]
+    report = evaluate_source(cfg, variables, source, mesh=None, workers=0, with_report=True)
+    s = report["summary"]
+    assert np.isfinite(s["mPQ"]) and np.isfinite(s["bPQ"]) and s["images"] == 6
+    assert report["pq"]["tissue_images"] == {"all": 6}

@@ -190,8 +190,10 @@ def evaluate_source(cfg, variables: dict, source, *, mesh=None, max_images: int 
     types_arr = np.asarray(types, dtype=str)
 
     t = time.perf_counter()
-    pq = pannuke_pq(true_masks, pred_masks, types_arr, class_names=class_names,
-                    tissue_names=tissue_names, match_iou=float(cfg.eval.match_iou))
+    # Without tissue labels (CoNSeP, image folders) every image is one tissue, "all".
+    pq_types, pq_tissues = (types_arr, tissue_names) if tissue_names else (None, None)
+    pq = pannuke_pq(true_masks, pred_masks, pq_types, class_names=class_names,
+                    tissue_names=pq_tissues, match_iou=float(cfg.eval.match_iou))
     det = detection_stats(true_inst, pred_inst, radius=float(cfg.eval.detection_radius),
                           num_classes=num_classes, class_names=class_names)
     timings["metrics_s"] = time.perf_counter() - t
@@ -204,8 +206,8 @@ def evaluate_source(cfg, variables: dict, source, *, mesh=None, max_images: int 
                               tissue_names)
         flat["tissue_accuracy"] = tissue["accuracy"]
     if protocol == "tsfd":
-        pq_tsfd = pannuke_pq(rebuilt[:n], pred_masks, types_arr, class_names=class_names,
-                             tissue_names=tissue_names, match_iou=float(cfg.eval.match_iou))
+        pq_tsfd = pannuke_pq(rebuilt[:n], pred_masks, pq_types, class_names=class_names,
+                             tissue_names=pq_tissues, match_iou=float(cfg.eval.match_iou))
         flat["mPQ_tsfd_protocol"], flat["bPQ_tsfd_protocol"] = pq_tsfd["mPQ"], pq_tsfd["bPQ"]
     if out_dir is not None:
         _finish_masks(out_dir, pred_masks, true_masks, types_arr)
