@@ -34,8 +34,7 @@ run because evaluation reads the switch from the run's config (its validation du
 and so its best checkpoint, already sees the r channel dropped).
 """
 
-from configs import default
-from configs.ablation_common import _split_variant, set_field  # noqa: F401
+from configs.ablation_common import table_functions
 
 TABLE = 5
 TITLE = "Ablation of the input channels"
@@ -53,33 +52,5 @@ VARIANTS = {
 }
 
 
-def get_config(arg: str | None = None):
-    name, rest = split_variant(arg)
-    c = default.get_config(rest)
-    for key, value in VARIANTS[name]["changes"].items():
-        set_field(c, key, value)
-    return c
-
-
-def split_variant(arg: str | None) -> tuple[str, str | None]:
-    """'rgb,fold2' -> ('rgb', 'fold2'): this table's row (canonical name) and default's rest."""
-    return _split_variant(arg, VARIANTS, PAPER_MODEL, "configs/ablation_inputs.py")
-
-
-def sweep():
-    """Every row once (kauldron style); seeds come from ``experiments/sweep.py --seeds``."""
-    for name in VARIANTS:
-        yield {"config": f"configs/ablation_inputs.py:{name}"}
-
-
-def sweep_folds():
-    """Every row on the official 3-fold rotation (fold1 is the default split)."""
-    for name in VARIANTS:
-        for fold in ("", ",fold2", ",fold3"):
-            yield {"config": f"configs/ablation_inputs.py:{name}{fold}"}
-
-
-def sweep_tsfd():
-    """Every row on the authors' released split (TSFD_FACTS §7.3)."""
-    for name in VARIANTS:
-        yield {"config": f"configs/ablation_inputs.py:{name},tsfd_split"}
+get_config, split_variant, sweep, sweep_folds, sweep_tsfd = table_functions(
+    VARIANTS, PAPER_MODEL, "configs/ablation_inputs.py")
