@@ -54,20 +54,14 @@ def synthetic_batch(batch: int, label_size: int, num_tissues: int, seed: int = 0
     """A host batch in the pipeline's contract (data/pipeline.py) from synthetic PanNuke."""
     import numpy as np
 
+    from tsfd_jax.data.pannuke import image_to_uint8, masks_to_instances
     from tsfd_jax.data.synthetic import generate
 
     images, masks, _ = generate(batch, seed, image_size=label_size)
-    inst = np.zeros(masks.shape[:3], np.int32)
-    cls = np.zeros(masks.shape[:3], np.uint8)
-    offset = 0
-    for c in range(5):
-        ids = masks[..., c].astype(np.int32)
-        inst = np.where(ids > 0, ids + offset, inst)
-        cls = np.where(ids > 0, c + 1, cls).astype(np.uint8)
-        offset += int(ids.max()) + 1
+    inst, cls = zip(*(masks_to_instances(m)[:2] for m in masks))
     rng = np.random.default_rng(seed)
-    return {"image": images.astype(np.uint8), "inst": inst, "cls": cls,
-            "tissue": rng.integers(0, num_tissues, batch).astype(np.int32),
+    return {"image": np.stack([image_to_uint8(im) for im in images]), "inst": np.stack(inst),
+            "cls": np.stack(cls), "tissue": rng.integers(0, num_tissues, batch).astype(np.int32),
             "valid": np.ones(batch, bool), "index": np.arange(batch, dtype=np.int32)}
 
 
