@@ -92,6 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.classifier_dropout = 0.3
     m.bn_momentum = 0.99          # BatchNorm running-average decay (Keras default, §1.1)
     m.dtype = "float32"           # float32 | bfloat16 (compute; params stay float32)
+    m.depthwise_impl = "auto"     # auto (shift on CPU, XLA grouped conv elsewhere) | shift | conv
     m.init_checkpoint = ""        # orbax checkpoint from import-weights (ImageNet backbone)
 
     # ---- losses (PAPER Eq. 5-12, Table 3) -----------------------------------------------

@@ -18,7 +18,7 @@ from tsfd_jax.models.efficientnet import (
     round_repeats,
     stage_end_taps,
 )
-from tsfd_jax.models.layers import DepthwiseConv2D
+from tsfd_jax.models.layers import DepthwiseConv2D, Layers
 
 TINY = (0.25, 0.5)  # width, depth: 10 blocks, three of them residual with stochastic depth
 # Keras 3.15.1 EfficientNetB4(include_top=False, weights=None).count_params() at 3 and 6 input
@@ -199,7 +199,7 @@ def test_initialisers_follow_keras(tiny):
 
 def test_bfloat16_compute_float32_params(tiny):
     model, variables, x = tiny
-    m16 = model.clone(dtype=jnp.bfloat16)
+    m16 = model.clone(layers=Layers(dtype=jnp.bfloat16))
     v16 = jax.eval_shape(lambda: m16.init(jax.random.key(0), x, train=False))
     assert {leaf.dtype for leaf in jax.tree.leaves(v16)} == {jnp.dtype(jnp.float32)}
     ref = _infer(model, variables, x)
@@ -212,7 +212,7 @@ def test_bfloat16_compute_float32_params(tiny):
 
 def test_depthwise_implementations_agree(tiny):
     model, variables, x = tiny
-    a = _infer(model.clone(depthwise_impl="shift"), variables, x)
-    b = _infer(model.clone(depthwise_impl="conv"), variables, x)
+    a = _infer(model.clone(layers=Layers(depthwise_impl="shift")), variables, x)
+    b = _infer(model.clone(layers=Layers(depthwise_impl="conv")), variables, x)
     for t in model.taps:
         np.testing.assert_allclose(a[t], b[t], rtol=1e-4, atol=1e-4 * np.abs(b[t]).max())

@@ -26,28 +26,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tsfd_jax.models.layers import DepthwiseConv2D
+from tsfd_jax.models.layers import Layers
 from tsfd_jax.ops.resize import downsample2x, upsample2x
 
 glorot_uniform = nn.initializers.glorot_uniform()
 he_normal = nn.initializers.he_normal()  # Keras he_normal: truncated normal, scale 2, fan_in
-
-
-def batch_norm(train: bool, dtype: Any, axis_name: str | None, name: str,
-               momentum: float = 0.99) -> nn.BatchNorm:
-    """Keras-default BatchNorm (momentum 0.99, eps 1e-3); statistics and params in float32.
-
-    ``momentum`` is the running-average decay (``model.bn_momentum``): short runs need less
-    than 0.99 or the running statistics used at evaluation lag far behind the weights.
-    """
-    return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=1e-3,
-                        dtype=dtype, param_dtype=jnp.float32, axis_name=axis_name, name=name)
 
 
 def channel_dropout(rate: float, train: bool) -> nn.Dropout:
@@ -83,16 +70,12 @@ class GatingBlock(nn.Module):
 
     features: int = 160
     dropout_rate: float = 0.2
-    dtype: Any = jnp.float32
-    bn_axis_name: str | None = None
-    bn_momentum: float = 0.99
+    layers: Layers = Layers()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=True,
-                    kernel_init=glorot_uniform, dtype=self.dtype, param_dtype=jnp.float32,
-                    name="conv")(x)
-        x = nn.silu(batch_norm(train, self.dtype, self.bn_axis_name, "bn", self.bn_momentum)(x))
+        x = self.layers.conv(self.features, 3, kernel_init=glorot_uniform, name="conv")(x)
+        x = nn.silu(self.layers.norm(train, "bn")(x))
         if self.dropout_rate > 0:
             x = channel_dropout(self.dropout_rate, train)(x)
         return x
@@ -105,23 +88,18 @@ class FeatureReweighing(nn.Module):
     """
 
     se_ratio: int = 8
-    dtype: Any = jnp.float32
-    bn_axis_name: str | None = None
-    bn_momentum: float = 0.99
-    depthwise_impl: str = "auto"  # layers.DepthwiseConv2D: auto | shift | conv
+    layers: Layers = Layers()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         c = x.shape[-1]
-        x = DepthwiseConv2D(3, use_bias=True, kernel_init=glorot_uniform, dtype=self.dtype,
-                            impl=self.depthwise_impl, name="dwconv")(x)
-        x = nn.silu(batch_norm(train, self.dtype, self.bn_axis_name, "bn", self.bn_momentum)(x))
+        x = self.layers.depthwise(3, kernel_init=glorot_uniform, name="dwconv")(x)
+        x = nn.silu(self.layers.norm(train, "bn")(x))
         # Squeeze-excite; the spatial mean is taken in float32.
         v = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        v = nn.silu(nn.Dense(max(1, c // self.se_ratio), kernel_init=he_normal, dtype=self.dtype,
-                             param_dtype=jnp.float32, name="reduce")(v))
-        v = nn.sigmoid(nn.Dense(c, kernel_init=he_normal, dtype=self.dtype,
-                                param_dtype=jnp.float32, name="expand")(v))
+        v = nn.silu(self.layers.dense(max(1, c // self.se_ratio), kernel_init=he_normal,
+                                      name="reduce")(v))
+        v = nn.sigmoid(self.layers.dense(c, kernel_init=he_normal, name="expand")(v))
         return x * v[:, None, None, :].astype(x.dtype)
 
 
@@ -135,23 +113,16 @@ class FusionNode(nn.Module):
     reweigh: bool = True
     se_ratio: int = 8
     dropout_rate: float = 0.0
-    dtype: Any = jnp.float32
-    bn_axis_name: str | None = None
-    bn_momentum: float = 0.99
-    depthwise_impl: str = "auto"
+    layers: Layers = Layers()
 
     @nn.compact
     def __call__(self, inputs: Sequence[jax.Array], train: bool) -> jax.Array:
         if self.reweigh:
-            inputs = [FeatureReweighing(se_ratio=self.se_ratio, dtype=self.dtype,
-                                        bn_axis_name=self.bn_axis_name,
-                                        bn_momentum=self.bn_momentum,
-                                        depthwise_impl=self.depthwise_impl, name=f"fr_{k}")(
-                                            x, train) for k, x in enumerate(inputs)]
-        x = functools.reduce(jnp.add, [jnp.asarray(v, self.dtype) for v in inputs])
-        x = DepthwiseConv2D(3, use_bias=True, kernel_init=glorot_uniform, dtype=self.dtype,
-                            impl=self.depthwise_impl, name="dwconv")(x)
-        x = nn.silu(batch_norm(train, self.dtype, self.bn_axis_name, "bn", self.bn_momentum)(x))
+            inputs = [FeatureReweighing(self.se_ratio, self.layers, name=f"fr_{k}")(x, train)
+                      for k, x in enumerate(inputs)]
+        x = functools.reduce(jnp.add, [jnp.asarray(v, self.layers.dtype) for v in inputs])
+        x = self.layers.depthwise(3, kernel_init=glorot_uniform, name="dwconv")(x)
+        x = nn.silu(self.layers.norm(train, "bn")(x))
         if self.dropout_rate > 0:
             x = channel_dropout(self.dropout_rate, train)(x)
         return x
@@ -174,10 +145,7 @@ class BiFPN(nn.Module):
     reweigh: bool = True
     se_ratio: int = 8
     node_dropout: float = 0.2
-    dtype: Any = jnp.float32
-    bn_axis_name: str | None = None
-    bn_momentum: float = 0.99
-    depthwise_impl: str = "auto"
+    layers: Layers = Layers()
 
     @nn.compact
     def __call__(self, feats: Sequence[jax.Array], train: bool) -> list[jax.Array]:
@@ -188,10 +156,8 @@ class BiFPN(nn.Module):
 
         def node(name: str, xs: list[jax.Array], size: tuple[int, int]) -> jax.Array:
             xs = [resize_to(x, size) for x in xs]
-            return FusionNode(reweigh=self.reweigh, se_ratio=self.se_ratio,
-                              dropout_rate=self.node_dropout, dtype=self.dtype,
-                              bn_axis_name=self.bn_axis_name, bn_momentum=self.bn_momentum,
-                              depthwise_impl=self.depthwise_impl, name=name)(xs, train)
+            return FusionNode(self.reweigh, self.se_ratio, self.node_dropout, self.layers,
+                              name=name)(xs, train)
 
         size = [x.shape[1:3] for x in p]
         # Top-down path; the top level itself (P7) has no top-down node.

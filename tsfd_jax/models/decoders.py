@@ -24,14 +24,13 @@ resolution (softmax / sigmoid live in the losses and post-processing).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from tsfd_jax.models.bifpn import FusionNode, glorot_uniform, level_name, resize_to
-from tsfd_jax.models.layers import DepthwiseConv2D
+from tsfd_jax.models.layers import Layers
 from tsfd_jax.ops.resize import upsample2x
 
 
@@ -45,10 +44,7 @@ class InterlinkedDecoders(nn.Module):
     reweigh: bool = True
     se_ratio: int = 8
     seg_third_term: bool = True
-    dtype: Any = jnp.float32
-    bn_axis_name: str | None = None
-    bn_momentum: float = 0.99
-    depthwise_impl: str = "auto"
+    layers: Layers = Layers()
 
     @nn.compact
     def __call__(self, feats: Sequence[jax.Array], train: bool) -> tuple[jax.Array, jax.Array]:
@@ -60,10 +56,8 @@ class InterlinkedDecoders(nn.Module):
         def node(name: str, xs: list[jax.Array], size: tuple[int, int]) -> jax.Array:
             xs = [resize_to(x, size) for x in xs]
             # No dropout in decoder nodes (TSFD_FACTS §1.5).
-            return FusionNode(reweigh=self.reweigh, se_ratio=self.se_ratio, dropout_rate=0.0,
-                              dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                              bn_momentum=self.bn_momentum,
-                              depthwise_impl=self.depthwise_impl, name=name)(xs, train)
+            return FusionNode(self.reweigh, self.se_ratio, 0.0, self.layers,
+                              name=name)(xs, train)
 
         size = [x.shape[1:3] for x in p]
         # Segmentation branch (Eq. 3); the top level's "previous node" is P7 itself.
@@ -90,17 +84,13 @@ class UpsamplingBlock(nn.Module):
     """
 
     features: int
-    dtype: Any = jnp.float32
-    depthwise_impl: str = "auto"
+    layers: Layers = Layers()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        a = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=True,
-                    kernel_init=glorot_uniform, dtype=self.dtype, param_dtype=jnp.float32,
-                    name="conv")(upsample2x(x))
-        b = nn.ConvTranspose(self.features, (3, 3), strides=(2, 2), padding="SAME",
-                             use_bias=True, kernel_init=glorot_uniform, dtype=self.dtype,
-                             param_dtype=jnp.float32, name="conv_transpose")(x)
+        a = self.layers.conv(self.features, 3, kernel_init=glorot_uniform,
+                             name="conv")(upsample2x(x))
+        b = self.layers.conv_transpose(self.features, 3, strides=2, kernel_init=glorot_uniform,
+                                       name="conv_transpose")(x)
         y = nn.silu(a + b)
-        return DepthwiseConv2D(3, use_bias=True, kernel_init=glorot_uniform, dtype=self.dtype,
-                               impl=self.depthwise_impl, name="dwconv")(y)
+        return self.layers.depthwise(3, kernel_init=glorot_uniform, name="dwconv")(y)

@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tsfd_jax.models.layers import DepthwiseConv2D
+from tsfd_jax.models.layers import Layers
 
 
 class Variant(NamedTuple):
@@ -176,50 +176,39 @@ class EfficientNet(nn.Module):
     depth_mult: float
     drop_connect_rate: float = 0.2
     taps: tuple[str, ...] = DEFAULT_TAPS
-    dtype: Any = jnp.float32          # compute dtype (bfloat16 option); params stay float32
-    bn_momentum: float = 0.99
-    bn_epsilon: float = 1e-3
-    bn_axis_name: str | None = None   # only inside shard_map/pmap (JAX_NOTES §2a)
-    depthwise_impl: str = "auto"      # layers.DepthwiseConv2D: auto | shift | conv
+    layers: Layers = Layers()         # dtype, BatchNorm (Keras: momentum 0.99, eps 1e-3), depthwise
 
     @classmethod
     def from_variant(cls, variant: str, **overrides: Any) -> "EfficientNet":
-        """``EfficientNet.from_variant("b4", dtype=...)``; taps default to ``stage_end_taps``."""
+        """``EfficientNet.from_variant("b4", layers=...)``; taps default to ``stage_end_taps``."""
         width, depth = efficientnet_config(variant)
         fields = {"width_mult": width, "depth_mult": depth, **overrides}
         fields.setdefault("taps", stage_end_taps(fields["width_mult"], fields["depth_mult"]))
         return cls(**fields)
 
-    def _bn(self, name: str, train: bool) -> nn.BatchNorm:
-        # Statistics are computed in float32 by flax whatever the compute dtype.
-        return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                            epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=jnp.float32,
-                            axis_name=self.bn_axis_name, name=name)
-
     def _conv(self, features: int, kernel: int, name: str, stride: int = 1,
               use_bias: bool = False) -> nn.Conv:
-        return nn.Conv(features, (kernel, kernel), strides=stride, padding="SAME",
-                       use_bias=use_bias, kernel_init=conv_kernel_init, dtype=self.dtype,
-                       param_dtype=jnp.float32, name=name)
+        return self.layers.conv(features, kernel, strides=stride, use_bias=use_bias,
+                                kernel_init=conv_kernel_init, name=name)
 
     def _mbconv(self, x: jax.Array, spec: BlockSpec, train: bool) -> jax.Array:
         """Keras ``efficientnet.block`` (inverted residual with squeeze-excite)."""
         n = spec.name + "_"
+        norm = self.layers.norm
         inputs = x
         if spec.expand_ratio != 1:
             x = self._conv(spec.expanded, 1, n + "expand_conv")(x)
-            x = nn.silu(self._bn(n + "expand_bn", train)(x))
-        x = DepthwiseConv2D(kernel_size=spec.kernel, strides=spec.stride, use_bias=False,
-                            kernel_init=depthwise_kernel_init, dtype=self.dtype,
-                            impl=self.depthwise_impl, name=n + "dwconv")(x)
-        x = nn.silu(self._bn(n + "bn", train)(x))
+            x = nn.silu(norm(train, n + "expand_bn")(x))
+        x = self.layers.depthwise(spec.kernel, strides=spec.stride, use_bias=False,
+                                  kernel_init=depthwise_kernel_init, name=n + "dwconv")(x)
+        x = nn.silu(norm(train, n + "bn")(x))
         # Squeeze-excite; the spatial mean is taken in float32.
         se = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
         se = nn.silu(self._conv(spec.se_filters, 1, n + "se_reduce", use_bias=True)(se))
         se = nn.sigmoid(self._conv(spec.expanded, 1, n + "se_expand", use_bias=True)(se))
         x = x * se
         x = self._conv(spec.filters_out, 1, n + "project_conv")(x)
-        x = self._bn(n + "project_bn", train)(x)
+        x = norm(train, n + "project_bn")(x)
         if spec.residual:
             if spec.drop_rate > 0:
                 # Stochastic depth: drop the whole residual branch per example (noise (B,1,1,1)).
@@ -240,9 +229,9 @@ class EfficientNet(nn.Module):
         feats: dict[str, jax.Array] = {}
 
         x = self._conv(round_filters(STEM_FILTERS, self.width_mult), 3, "stem_conv", stride=2)(x)
-        feats["stem"] = x = nn.silu(self._bn("stem_bn", train)(x))
+        feats["stem"] = x = nn.silu(self.layers.norm(train, "stem_bn")(x))
         for spec in specs:
             feats[spec.name] = x = self._mbconv(x, spec, train)
         x = self._conv(round_filters(TOP_FILTERS, self.width_mult), 1, "top_conv")(x)
-        feats["top"] = nn.silu(self._bn("top_bn", train)(x))
+        feats["top"] = nn.silu(self.layers.norm(train, "top_bn")(x))
         return {t: feats[t] for t in self.taps}

@@ -13,6 +13,8 @@ XLA counts 2 FLOPs per multiply-add and excludes the zero taps of SAME padding; 
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Mapping
 from typing import Any
 
@@ -93,8 +95,9 @@ def xla_flops(model, variables: Mapping[str, Any], input_shape: tuple[int, ...],
     what runs on accelerators) so the count does not depend on the backend; ``None`` keeps the
     model's own choice (k*k shifted multiply-adds on CPU; within 0.2 % for TSFD-Net).
     """
-    if depthwise_impl and hasattr(model, "depthwise_impl"):
-        model = model.clone(depthwise_impl=depthwise_impl)
+    if depthwise_impl and hasattr(model, "layers"):
+        model = model.clone(layers=dataclasses.replace(model.layers,
+                                                       depthwise_impl=depthwise_impl))
     variables = _abstract(dict(variables))
     x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
     if not backward:

@@ -19,8 +19,6 @@ rescales inside; its Normalization layer is never adapted in TSFD, TSFD_FACTS §
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,6 +27,7 @@ from tsfd_jax.models.bifpn import BiFPN, GatingBlock, glorot_uniform, level_name
 from tsfd_jax.models.decoders import InterlinkedDecoders, UpsamplingBlock
 from tsfd_jax.models.efficientnet import (DEFAULT_TAPS, EfficientNet, efficientnet_config,
                                           stage_end_taps)
+from tsfd_jax.models.layers import DEPTHWISE_IMPLS, Layers
 
 INPUT_CHANNELS = {"rgb": 3, "rgb_he": 5, "rgb_her": 6}  # Table 5 input variants
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -39,18 +38,19 @@ class Gating(nn.Module):
 
     features: int = 160
     dropout_rate: float = 0.2
-    dtype: Any = jnp.float32
-    bn_axis_name: str | None = None
-    bn_momentum: float = 0.99
+    layers: Layers = Layers()
 
     @nn.compact
     def __call__(self, feats: list[jax.Array], train: bool) -> list[jax.Array]:
-        return [GatingBlock(self.features, self.dropout_rate, self.dtype, self.bn_axis_name,
-                            self.bn_momentum, name=level_name(i))(x, train) for i, x in enumerate(feats)]
+        return [GatingBlock(self.features, self.dropout_rate, self.layers, name=level_name(i))(
+            x, train) for i, x in enumerate(feats)]
 
 
 class TSFDNet(nn.Module):
-    """TSFD-Net. ``__call__(x (B, S, S, n_ch), train) -> dict`` of logits (see module doc)."""
+    """TSFD-Net. ``__call__(x (B, S, S, n_ch), train) -> dict`` of logits (see module doc).
+
+    Every field is set by ``build_model`` from the config; the values here are the paper's.
+    """
 
     width_mult: float = 1.4
     depth_mult: float = 1.8
@@ -67,39 +67,31 @@ class TSFDNet(nn.Module):
     num_tissues: int = 19
     tissue_head: bool = True          # FDB; False = CBB
     classifier_dropout: float = 0.3
-    dtype: Any = jnp.float32          # compute dtype; parameters stay float32
-    bn_axis_name: str | None = None   # only inside shard_map/pmap (JAX_NOTES §2a)
-    bn_momentum: float = 0.99         # running-average decay of every BatchNorm (Keras default)
-    depthwise_impl: str = "auto"      # layers.DepthwiseConv2D: auto | shift | conv
+    layers: Layers = Layers()         # compute dtype, BatchNorm, depthwise lowering
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
-        kw = dict(dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                  bn_momentum=self.bn_momentum)
-        dw = dict(kw, depthwise_impl=self.depthwise_impl)
+        layers = self.layers
         feats = EfficientNet(self.width_mult, self.depth_mult, self.drop_connect_rate,
-                             tuple(self.taps), name="backbone", **dw)(x, train)
+                             tuple(self.taps), layers, name="backbone")(x, train)
         p = [feats[t] for t in self.taps]
-        p = Gating(self.gating_channels, self.gating_dropout, name="gating", **kw)(p, train)
+        p = Gating(self.gating_channels, self.gating_dropout, layers, name="gating")(p, train)
         gated_top = p[-1]
         for k in range(self.num_bifpn):
-            p = BiFPN(reweigh=self.feature_reweighing, se_ratio=self.se_ratio,
-                      node_dropout=self.node_dropout, name=f"bifpn_{k + 1}", **dw)(p, train)
-        seg, bdr = InterlinkedDecoders(reweigh=self.feature_reweighing, se_ratio=self.se_ratio,
-                                       seg_third_term=self.seg_third_term, name="decoders",
-                                       **dw)(p, train)
-        head = dict(dtype=self.dtype, depthwise_impl=self.depthwise_impl)
+            p = BiFPN(self.feature_reweighing, self.se_ratio, self.node_dropout, layers,
+                      name=f"bifpn_{k + 1}")(p, train)
+        seg, bdr = InterlinkedDecoders(self.feature_reweighing, self.se_ratio,
+                                       self.seg_third_term, layers, name="decoders")(p, train)
         out = {
-            "seg_logits": UpsamplingBlock(self.num_labels, name="seg_head", **head)(seg),
-            "boundary_logits": UpsamplingBlock(1, name="boundary_head", **head)(bdr),
+            "seg_logits": UpsamplingBlock(self.num_labels, layers, name="seg_head")(seg),
+            "boundary_logits": UpsamplingBlock(1, layers, name="boundary_head")(bdr),
         }
         if self.tissue_head:
             # TC on the gated P7 (TSFD_FACTS §1.9); the softmax lives in the loss.
             v = jnp.mean(gated_top.astype(jnp.float32), axis=(1, 2))
             v = nn.Dropout(self.classifier_dropout, deterministic=not train)(v)
-            out["tissue_logits"] = nn.Dense(self.num_tissues, kernel_init=glorot_uniform,
-                                            dtype=self.dtype, param_dtype=jnp.float32,
-                                            name="classifier")(v)
+            out["tissue_logits"] = layers.dense(self.num_tissues, kernel_init=glorot_uniform,
+                                                name="classifier")(v)
         return {k: v.astype(jnp.float32) for k, v in out.items()}
 
 
@@ -135,9 +127,6 @@ def build_model(cfg) -> TSFDNet:
     taps = tuple(m.taps)
     if not taps or taps == DEFAULT_TAPS:
         taps = stage_end_taps(width, depth)
-    dtype = str(m.dtype)
-    if dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     num_tissues = len(cfg.data.tissue_names)
     if m.tissue_head and num_tissues < 2:
         raise ValueError("model.tissue_head needs at least 2 data.tissue_names "
@@ -150,4 +139,16 @@ def build_model(cfg) -> TSFDNet:
         node_dropout=float(m.node_dropout), seg_third_term=bool(m.seg_third_term),
         num_labels=len(cfg.data.label_names), num_tissues=num_tissues,
         tissue_head=bool(m.tissue_head), classifier_dropout=float(m.classifier_dropout),
-        bn_momentum=float(m.get("bn_momentum", 0.99)), dtype=DTYPES[dtype])
+        layers=model_layers(cfg))
+
+
+def model_layers(cfg) -> Layers:
+    """The ``Layers`` of ``cfg.model``: compute dtype, BatchNorm momentum, depthwise lowering."""
+    m = cfg.model
+    dtype = str(m.dtype)
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    impl = str(m.depthwise_impl)
+    if impl not in DEPTHWISE_IMPLS:
+        raise ValueError(f"model.depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
+    return Layers(dtype=DTYPES[dtype], bn_momentum=float(m.bn_momentum), depthwise_impl=impl)

@@ -237,7 +237,8 @@ def median_blur(image: jax.Array, k: jax.Array, max_k: int = 7) -> jax.Array:
     """
     h, w, _ = image.shape
     r = max_k // 2
-    pad = jnp.pad(image, ((r, r), (r, r), (0, 0)), mode="edge")
+    # The barrier keeps XLA from rewriting the 49 slices of the pad into slices of the warp.
+    pad = jax.lax.optimization_barrier(jnp.pad(image, ((r, r), (r, r), (0, 0)), mode="edge"))
     half = k // 2
     vals = []
     for dy in range(-r, r + 1):
@@ -257,7 +258,8 @@ def gaussian_blur(image: jax.Array, sigma: jax.Array, radius: int) -> jax.Array:
     s = jnp.maximum(sigma, 1e-3)  # sigma -> 0 is the identity (all weight on the centre tap)
     kern = jnp.exp(-0.5 * (t / s) ** 2)
     kern = kern / kern.sum()
-    pad = jnp.pad(image, ((radius, radius), (radius, radius), (0, 0)), mode="reflect")
+    pad = jax.lax.optimization_barrier(
+        jnp.pad(image, ((radius, radius), (radius, radius), (0, 0)), mode="reflect"))
     rows = sum(kern[i] * pad[i:i + h] for i in range(2 * radius + 1))
     return sum(kern[i] * rows[:, i:i + w] for i in range(2 * radius + 1))
 
