@@ -81,3 +81,10 @@ def test_evaluation_without_tissue_labels_averages_over_images():
     s = report["summary"]
     assert np.isfinite(s["mPQ"]) and np.isfinite(s["bPQ"]) and s["images"] == 6
     assert report["pq"]["tissue_images"] == {"all": 6}
+
+
+def test_a_run_config_without_newer_model_fields_loads(tmp_path):
+    cfg = default.get_config().to_dict()
+    del cfg["model"]["depthwise_impl"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert load_run_config(tmp_path).model.depthwise_impl == "auto"

@@ -13,14 +13,23 @@ import ml_collections
 from tsfd_jax.errors import UserError
 
 
+# Fields added to the config after runs were trained, with the value that reproduces what those
+# runs computed; a run's config.json without them still loads.
+ADDED_FIELDS = {("model", "depthwise_impl"): "auto", ("model", "arch"): "tsfd"}
+
+
 def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
     path = Path(workdir) / "config.json"
     if not path.exists():
         raise UserError(f"{workdir}: not a training workdir (no config.json)")
     try:
-        return ml_collections.ConfigDict(json.loads(path.read_text()))
+        cfg = ml_collections.ConfigDict(json.loads(path.read_text()))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    for (section, key), value in ADDED_FIELDS.items():
+        if section in cfg and key not in cfg[section]:
+            cfg[section][key] = value
+    return cfg
 
 
 EVAL_SECTIONS = ("postprocess", "eval")

@@ -26,8 +26,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("tsfd_jax.commands.evaluate", "evaluate a trained workdir on a split"),
     "pq": ("tsfd_jax.commands.pq", "PanNuke PQ of two PanNuke-layout folders (no model)"),
     "predict": ("tsfd_jax.commands.predict", "any-size H&E images -> instances, tables, GeoJSON"),
-    "report": ("tsfd_jax.commands.report", "paper-style tables from finished runs"),
 }
+# Commands that compile the model: they take --compilation-cache (docs/speed.md).
+COMPILING = ("demo", "train", "evaluate", "predict")
 
 
 def _available() -> dict[str, tuple[str, str]]:
@@ -40,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in _available().items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         importlib.import_module(module).add_arguments(p)
+        if name in COMPILING:
+            p.add_argument("--compilation-cache", default=None, metavar="DIR|none",
+                           help="persistent XLA compilation cache (default: "
+                                "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/tsfd-jax/xla); "
+                                "'none' compiles every run")
         p.set_defaults(_module=module)
     return parser
 
@@ -56,6 +62,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     args.config_overrides = extra if overrides else []
     try:
+        if args.command in COMPILING:
+            from tsfd_jax import compilation_cache  # imports jax: not needed for --help
+
+            compilation_cache.enable(args.compilation_cache)
         code = importlib.import_module(args._module).run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
