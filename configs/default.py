@@ -76,6 +76,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # ---- model -------------------------------------------------------------------------
     c.model = m = ml_collections.ConfigDict()
+    m.arch = "tsfd"               # tsfd | unet (the reference model, docs/learning.md)
+    m.unet_features = (16, 32, 64)  # unet only: channels per level
     m.backbone = "b4"             # EfficientNet B0..B7 compound scaling
     m.width_mult = 0.0            # 0 = from the B-variant; else overrides (tiny configs)
     m.depth_mult = 0.0
@@ -117,6 +119,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # ---- optimiser (PAPER §4.4) ---------------------------------------------------------
     c.optim = o = ml_collections.ConfigDict()
+    o.name = "sgd"                # sgd | adamw (weight_decay decoupled; docs/learning.md)
     o.lr = 0.16
     o.warmup_steps = 748
     o.momentum = 0.9

@@ -5,12 +5,17 @@ augmentation, stain channels and targets, the model in training mode, the paper 
 gradient, the SGD update; jitted over a mesh of all local devices, batch sharded, state
 replicated and donated. Rows:
 - a tiny model (configs/tiny.py widths) at 64 px, for quick comparisons between machines;
-- the full model (configs/default.py) at ``--size`` (512), float32 and bfloat16 compute.
+- the full model (configs/default.py) at ``--size`` (512), float32 and bfloat16 compute;
+- each ``--config FILE`` at that config's own input size, label size and batch; with ``--compare``
+  once per depthwise implementation (models/layers.py: the XLA grouped convolution "conv" and the
+  shifted multiply-adds "shift"), side by side in one run.
 Each row: compile + first step, ``--warmup`` untimed steps, ``--iters`` timed steps. The batch
 is synthetic PanNuke (data/synthetic.py) at label size ``--size / 2`` as in the paper (512 input,
 256 labels), the same batch every step (the input pipeline is measured by bench_input.py).
 
-FLOPs are XLA's cost analysis of the lowered (not yet optimised) step for the global batch.
+FLOPs are XLA's cost analysis of the step for the global batch, as written (lowered, before XLA's
+rewrites) and as compiled; their ratio shows work XLA adds (e.g. XLA:CPU lowering depthwise
+gradients to dense convolutions).
 MFU = achieved FLOP/s / peak FLOP/s of the devices: the peak comes from ``--peak-tflops`` or,
 for known accelerators, from the table below (dense bf16 tensor-core peak for bfloat16 rows,
 dense TF32 peak for float32 rows on NVIDIA, where XLA uses TF32 for float32 matmuls by default).
@@ -18,6 +23,7 @@ CPU rows report FLOP/s only.
 
   python experiments/bench_train.py --out bench_train.json                  # CPU: tiny + full
   python experiments/bench_train.py --batch 16 --iters 20 --out bench_train_gpu.json
+  python experiments/bench_train.py --no-tiny --no-full --config configs/demo.py --compare
 """
 
 from __future__ import annotations
@@ -65,6 +71,11 @@ def synthetic_batch(batch: int, label_size: int, num_tissues: int, seed: int = 0
             "valid": np.ones(batch, bool), "index": np.arange(batch, dtype=np.int32)}
 
 
+def _flops(cost) -> float:
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float((cost or {}).get("flops", 0.0))
+
+
 def bench_step(cfg, batch: int, label_size: int, warmup: int, iters: int) -> dict:
     import time
 
@@ -93,9 +104,8 @@ def bench_step(cfg, batch: int, label_size: int, warmup: int, iters: int) -> dic
     compile_s = time.perf_counter() - t0
     # The FLOPs of the program as written (before XLA's rewrites: XLA:CPU turns the depthwise
     # convolutions' gradients into dense ones, which would inflate the count ~10x there).
-    cost = lowered.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0))
+    flops = _flops(lowered.cost_analysis())
+    flops_compiled = _flops(compiled.cost_analysis())
     t0 = time.perf_counter()
     state, metrics = compiled(state, data)
     jax.block_until_ready(metrics)
@@ -111,6 +121,8 @@ def bench_step(cfg, batch: int, label_size: int, warmup: int, iters: int) -> dic
     loss = float(jax.device_get(metrics["loss"]))
     return {"compile_s": compile_s, "first_step_s": first_s, "s_per_step": per_step,
             "images_per_s": batch / per_step, "step_gflops": flops / 1e9,
+            "flops_written": flops, "flops_compiled": flops_compiled,
+            "flop_ratio": flops_compiled / flops if flops else None,
             "achieved_tflops": flops / per_step / 1e12, "devices": mesh.size,
             "last_loss": loss}
 
@@ -124,38 +136,60 @@ def main() -> None:
     p.add_argument("--tiny-batch", type=int, default=8)
     p.add_argument("--tiny-iters", type=int, default=10)
     p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--no-full", action="store_true", help="tiny row only")
+    p.add_argument("--no-full", action="store_true", help="no full-model rows")
+    p.add_argument("--no-tiny", action="store_true", help="no tiny-model row")
+    p.add_argument("--config", action="append", default=[], metavar="FILE.py[:variant]",
+                   help="add a row for this config at its own sizes and batch (repeatable)")
+    p.add_argument("--compare", action="store_true",
+                   help="--config rows once per depthwise implementation (conv, shift)")
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="peak TFLOP/s of one device for MFU (default: known accelerators)")
     p.add_argument("--out", default="", help="JSON file for the results")
     args = p.parse_args()
 
+    import jax
+
     from configs import default, tiny
+    from tsfd_jax.configs_cli import load_config
+    from tsfd_jax.models.layers import depthwise_impl_for
 
     info = machine()
     rows = []
-    print(f"{'model':<6} {'dtype':<9} {'size':>4} {'batch':>5} {'images/s':>9} {'s/step':>8} "
-          f"{'compile (s)':>11} {'GFLOP/step':>10} {'TFLOP/s':>8} {'MFU':>6}")
+    print(f"{'model':<14} {'dwconv':<6} {'dtype':<9} {'size':>4} {'batch':>5} {'images/s':>9} "
+          f"{'s/step':>7} {'compile (s)':>11} {'GFLOP written':>13} {'compiled':>9} "
+          f"{'ratio':>6} {'TFLOP/s':>8} {'MFU':>6}")
 
-    def run(name: str, cfg, size: int, batch: int, iters: int) -> None:
-        cfg.input.size, cfg.data.image_size = size, size // 2
-        r = bench_step(cfg, batch, size // 2, args.warmup, iters)
+    def run(name: str, cfg, size: int, label_size: int, batch: int, iters: int) -> None:
+        cfg.input.size, cfg.data.image_size = size, label_size
+        r = bench_step(cfg, batch, label_size, args.warmup, iters)
         dtype = str(cfg.model.dtype)
+        impl = depthwise_impl_for(cfg.model.depthwise_impl, jax.default_backend())
         peak = peak_tflops(info["device_kind"], dtype, args.peak_tflops)
         r["mfu"] = r["achieved_tflops"] / (peak * r["devices"]) if peak else None
-        row = {"model": name, "dtype": dtype, "size": size, "batch": batch, **r}
+        row = {"model": name, "depthwise_impl": impl, "dtype": dtype, "size": size,
+               "batch": batch, **r}
         rows.append(row)
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        print(f"{name:<6} {dtype:<9} {size:>4} {batch:>5} {r['images_per_s']:>9.2f} "
-              f"{r['s_per_step']:>8.3f} {r['compile_s']:>11.1f} {r['step_gflops']:>10.1f} "
-              f"{r['achieved_tflops']:>8.3f} {mfu:>6}", flush=True)
+        ratio = f"{r['flop_ratio']:.2f}" if r["flop_ratio"] else "-"
+        print(f"{name:<14} {impl:<6} {dtype:<9} {size:>4} {batch:>5} {r['images_per_s']:>9.2f} "
+              f"{r['s_per_step']:>7.3f} {r['compile_s']:>11.1f} {r['flops_written'] / 1e9:>13.1f} "
+              f"{r['flops_compiled'] / 1e9:>9.1f} {ratio:>6} {r['achieved_tflops']:>8.3f} "
+              f"{mfu:>6}", flush=True)
 
-    run("tiny", tiny.shrink(default.get_config()), 64, args.tiny_batch, args.tiny_iters)
+    for spec in args.config:
+        for impl in ("conv", "shift") if args.compare else (None,):
+            cfg = load_config(spec)
+            if impl:
+                cfg.model.depthwise_impl = impl
+            run(Path(spec.split(":")[0]).stem, cfg, cfg.input.size, cfg.data.image_size,
+                cfg.data.global_batch_size, args.tiny_iters)
+    if not args.no_tiny:
+        run("tiny", tiny.shrink(default.get_config()), 64, 32, args.tiny_batch, args.tiny_iters)
     if not args.no_full:
         for dtype in args.dtypes.split(","):
             cfg = default.get_config()
             cfg.model.dtype = dtype
-            run("tsfd", cfg, args.size, args.batch, args.iters)
+            run("tsfd", cfg, args.size, args.size // 2, args.batch, args.iters)
 
     if args.out:
         write_json(args.out, {"machine": info, "args": vars(args), "rows": rows})

@@ -15,7 +15,8 @@ from tsfd_jax.errors import UserError
 
 # Fields added to the config after runs were trained, with the value that reproduces what those
 # runs computed; a run's config.json without them still loads.
-ADDED_FIELDS = {("model", "depthwise_impl"): "auto", ("model", "arch"): "tsfd"}
+ADDED_FIELDS = {("model", "depthwise_impl"): "auto", ("model", "arch"): "tsfd",
+                ("model", "unet_features"): (16, 32, 64), ("optim", "name"): "sgd"}
 
 
 def load_run_config(workdir: Path) -> ml_collections.ConfigDict:

@@ -67,19 +67,32 @@ def fusion_kernel_mask(params: PyTree) -> PyTree:
     return flax.traverse_util.unflatten_dict({k: selected(k) for k in flat})
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
 def make_optimizer(cfg) -> optax.GradientTransformation:
+    """``optim.name``: "sgd" (the paper: momentum, weight decay added to the gradient) or "adamw"
+    (decoupled weight decay, ``optim.weight_decay`` times the learning rate; 0 = Adam)."""
+    name = str(cfg.optim.name)
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {name!r}")
+    schedule = make_schedule(cfg)
+    wd = float(cfg.optim.weight_decay)
     parts = []
     if cfg.optim.grad_clip:
         parts.append(optax.clip_by_global_norm(float(cfg.optim.grad_clip)))
-    if cfg.optim.weight_decay:
+    if wd and name == "sgd":
         # Decay added to the gradient before momentum: SGD weight decay as in the paper.
-        parts.append(optax.add_decayed_weights(float(cfg.optim.weight_decay), mask=kernel_mask))
-    l2 = float(cfg.optim.get("l2_fusion", 0.0))
+        parts.append(optax.add_decayed_weights(wd, mask=kernel_mask))
+    l2 = float(cfg.optim.l2_fusion)
     if l2:
         # Keras' L2 adds l2 * sum(w^2) to the loss: its gradient is 2 * l2 * w.
         parts.append(optax.add_decayed_weights(2.0 * l2, mask=fusion_kernel_mask))
-    parts.append(optax.sgd(make_schedule(cfg), momentum=float(cfg.optim.momentum) or None,
-                           nesterov=bool(cfg.optim.nesterov)))
+    if name == "sgd":
+        parts.append(optax.sgd(schedule, momentum=float(cfg.optim.momentum) or None,
+                               nesterov=bool(cfg.optim.nesterov)))
+    else:
+        parts.append(optax.adamw(schedule, weight_decay=wd, mask=kernel_mask))
     return optax.chain(*parts)
 
 

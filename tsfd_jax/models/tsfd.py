@@ -28,9 +28,11 @@ from tsfd_jax.models.decoders import InterlinkedDecoders, UpsamplingBlock
 from tsfd_jax.models.efficientnet import (DEFAULT_TAPS, EfficientNet, efficientnet_config,
                                           stage_end_taps)
 from tsfd_jax.models.layers import DEPTHWISE_IMPLS, Layers
+from tsfd_jax.models.unet import UNet
 
 INPUT_CHANNELS = {"rgb": 3, "rgb_he": 5, "rgb_her": 6}  # Table 5 input variants
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ARCHS = ("tsfd", "unet")  # model.arch: the paper's network, or the reference UNet (unet.py)
 
 
 class Gating(nn.Module):
@@ -115,14 +117,21 @@ def backbone_scaling(cfg) -> tuple[float, float]:
     return (float(cfg.model.width_mult) or width, float(cfg.model.depth_mult) or depth)
 
 
-def build_model(cfg) -> TSFDNet:
-    """TSFDNet from a config tree (``cfg.model``, ``cfg.data`` label/tissue names).
+def build_model(cfg) -> nn.Module:
+    """The network of a config tree (``cfg.model``, ``cfg.data`` label/tissue names): TSFDNet,
+    or with ``model.arch="unet"`` the reference UNet of ``model.unet_features``.
 
     Taps: the B4 names of ``configs/default.py`` (or an empty tuple) mean "the last block of
     stages 2..6 and the top" at the configured depth (B4: block2d..block6h, top), so width/depth
     overrides keep the same pyramid; any other tuple is used as given.
     """
     m = cfg.model
+    arch = str(m.arch)
+    if arch not in ARCHS:
+        raise ValueError(f"model.arch must be one of {ARCHS}, got {arch!r}")
+    if arch == "unet":
+        return UNet(features=tuple(int(f) for f in m.unet_features),
+                    num_labels=len(cfg.data.label_names), layers=model_layers(cfg))
     width, depth = backbone_scaling(cfg)
     taps = tuple(m.taps)
     if not taps or taps == DEFAULT_TAPS:
