@@ -150,6 +150,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     p.erosion_size = 3
     p.dilation_size = 3
     p.vote = "component"          # Eq. 16 majority per component; "nucleus" = per separated nucleus
+    p.method = "paper"            # paper (§4.3) | markers (watershed from boundary-free cores)
 
     c.eval = e = ml_collections.ConfigDict()
     e.match_iou = 0.5

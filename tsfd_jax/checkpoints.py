@@ -28,7 +28,7 @@ from tsfd_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
 # Workdir entries written by training; --overwrite moves these into archive/<time>/.
-RUN_ENTRIES = ("config.json", "checkpoints", "metrics.jsonl", "tb", "eval")
+RUN_ENTRIES = ("config.json", "checkpoints", "metrics.jsonl", "tb", "eval", "postprocess.json")
 
 
 def config_json(cfg) -> str:

@@ -11,6 +11,7 @@ import jax
 import ml_collections
 
 from tsfd_jax.errors import UserError
+from tsfd_jax.tune import load_tuned
 
 
 # Fields added to the config after runs were trained, with the value that reproduces what those
@@ -19,7 +20,9 @@ ADDED_FIELDS = {("model", "depthwise_impl"): "auto", ("model", "arch"): "tsfd",
                 ("model", "unet_features"): (16, 32, 64), ("optim", "name"): "sgd"}
 
 
-def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
+def load_run_config(workdir: Path, tuned: bool = True) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with; with ``tuned`` its post-processing is the one
+    tuned on validation (``tune_workdir``) where that exists."""
     path = Path(workdir) / "config.json"
     if not path.exists():
         raise UserError(f"{workdir}: not a training workdir (no config.json)")
@@ -30,7 +33,39 @@ def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
     for (section, key), value in ADDED_FIELDS.items():
         if section in cfg and key not in cfg[section]:
             cfg[section][key] = value
+    params = load_tuned(workdir) if tuned else None
+    if params:
+        for key, value in params.items():
+            cfg.postprocess[key] = value
     return cfg
+
+
+def tune_workdir(workdir: str | Path, checkpoint: str = "last", max_images: int | None = None,
+                 workers: int | None = None) -> dict:
+    """Tune the post-processing on the run's validation split (tune.py), starting from the
+    config's settings; writes ``<workdir>/postprocess.json`` and returns the settings."""
+    import dataclasses
+
+    from tsfd_jax.checkpoints import restore_variables
+    from tsfd_jax.data.resolve import load_split
+    from tsfd_jax.tune import collect, save_tuned, search, tuned_metric
+
+    workdir = Path(workdir)
+    cfg = load_run_config(workdir, tuned=False)
+    apply_eval_overrides(cfg, [])
+    variables, step = restore_variables(workdir, checkpoint)
+    source = load_split(cfg, workdir, "val")
+    workers = int(cfg.data.num_workers) if workers is None else workers
+    data = collect(cfg, variables, source, max_images)
+    metric = tuned_metric(cfg)
+    best, tuned, untuned = search(cfg, data, metric, workers)
+    result = {"postprocess": dataclasses.asdict(best), "metric": metric,
+              "split": str(cfg.data.val_split), "images": int(len(data["seg"])),
+              "checkpoint_step": step, "untuned": untuned, "tuned": tuned}
+    path = save_tuned(workdir, result)
+    print(f"post-processing tuned on {result['images']} {result['split']} images for {metric}: "
+          f"{untuned[metric]:.4f} -> {tuned[metric]:.4f} ({path})")
+    return result["postprocess"]
 
 
 EVAL_SECTIONS = ("postprocess", "eval")
@@ -66,7 +101,8 @@ def apply_eval_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str
 def evaluate_workdir(workdir: str | Path, *, checkpoint: str = "best", data: str = "",
                      split: str = "", name: str = "", protocol: str = "official",
                      workers: int | None = None, max_images: int | None = None,
-                     overwrite: bool = False, overrides: Sequence[str] = ()) -> Path:
+                     overwrite: bool = False, overrides: Sequence[str] = (),
+                     tuned: bool = True) -> Path:
     """Evaluate a checkpoint of ``workdir``; ``overrides`` (``--config.postprocess.k=v`` /
     ``--config.eval.k=v``) change only the post-processing and evaluation settings."""
     from tsfd_jax.checkpoints import restore_variables
@@ -75,7 +111,7 @@ def evaluate_workdir(workdir: str | Path, *, checkpoint: str = "best", data: str
     from tsfd_jax.report import write_report
 
     workdir = Path(workdir)
-    cfg = load_run_config(workdir)
+    cfg = load_run_config(workdir, tuned=tuned)
     apply_eval_overrides(cfg, overrides)
     variables, step = restore_variables(workdir, checkpoint)
     split = split or cfg.data.test_split

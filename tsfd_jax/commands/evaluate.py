@@ -27,15 +27,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="post-processing processes")
     p.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images")
     p.add_argument("--overwrite", action="store_true", help="replace an existing eval folder")
+    p.add_argument("--tune", action="store_true",
+                   help="first tune the post-processing on the validation split and store it "
+                        "in W/postprocess.json (used by evaluate and predict from then on)")
+    p.add_argument("--untuned", action="store_true",
+                   help="the config's post-processing, not W/postprocess.json")
     p.set_defaults(takes_config_overrides=True)
 
 
 def run(args) -> int:
-    from tsfd_jax.evaluate_cli import evaluate_workdir
+    from tsfd_jax.evaluate_cli import evaluate_workdir, tune_workdir
 
+    if args.tune:
+        tune_workdir(args.workdir, checkpoint=args.checkpoint, workers=args.workers)
     out = evaluate_workdir(args.workdir, checkpoint=args.checkpoint, data=args.data,
                            split=args.split, name=args.name, protocol=args.protocol,
                            workers=args.workers, max_images=args.max_images or None,
-                           overwrite=args.overwrite, overrides=args.config_overrides)
+                           overwrite=args.overwrite, overrides=args.config_overrides,
+                           tuned=not args.untuned)
     print(f"report: {out / 'report.md'}")
     return 0

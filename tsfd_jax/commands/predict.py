@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("npy", "tif"), default="npy",
                    help="instance and class maps as .npy + .png or as .tif")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--untuned", action="store_true",
+                   help="the config's post-processing, not the workdir's tuned postprocess.json")
 
 
 def _select_device(device: str | None) -> None:
@@ -112,7 +114,7 @@ def run(args) -> int:
     if out.exists():
         for paths in targets.values():
             check_targets(paths.values(), args.overwrite)
-    cfg = load_run_config(workdir)
+    cfg = load_run_config(workdir, tuned=not args.untuned)
     check_tile(cfg, args.tile, args.overlap)
     variables, step = restore_variables(workdir, args.checkpoint)
     _check_out_dir(out)

@@ -1,0 +1,168 @@
+"""Quality per CPU-minute: train named configs for the same wall-clock budget, evaluate each.
+
+Every run goes through the project's own pipeline (``loop.train_and_evaluate``, then
+``evaluate_workdir`` on the config's test split, untuned and with post-processing tuned on the
+validation split, docs/learning.md), so two rows differ only by what their configs change.
+Equal budget: each config's train step is timed first (compile excluded) and its
+``total_steps`` set so that training takes ``--budget-min`` minutes; the whole schedule (warm-up,
+cosine) is then run, so no run is cut off mid-schedule.
+
+Datasets: ``synthetic`` (PanNuke-format folds written by data/synthetic.py at the configs'
+``data.image_size``; ``--image-size`` changes it for every run) and ``consep`` (the folder of
+CoNSeP tiles given by ``--data``, split by source image as configs/consep.py does).
+
+  python experiments/bench_quality.py --dataset synthetic --budget-min 4 --out q_synth.json
+  python experiments/bench_quality.py --dataset consep --data ../shared/data/consep/train \
+      --budget-min 20 --out q_consep.json
+  python experiments/bench_quality.py --run "adam:configs/demo.py --config.optim.name=adamw \
+      --config.optim.lr=2e-3" --run unet:configs/baseline_unet.py
+
+A run is ``NAME:CONFIG[:variant] [--config.a.b=v ...]``. Results: a table on stdout and, with
+``--out``, JSON with one row per run (bPQ, mPQ, per-class PQ, Dice, detection F1, tuned
+numbers, images seen, steps, seconds). Workdirs go under ``--workdir`` and are reused when a run
+of the same config and budget exists there (a finished run is evaluated again, not retrained).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.bench_model import machine, write_json  # noqa: E402
+
+DEFAULT_RUNS = {
+    "synthetic": ("unet:configs/baseline_unet.py", "tsfd:configs/demo.py"),
+    "consep": ("unet:configs/baseline_unet.py:consep", "tsfd:configs/consep.py"),
+}
+
+
+SYNTHETIC_SPLITS = ("fold1", "fold2", "fold3")
+
+
+def parse_run(text: str) -> tuple[str, str, list[str]]:
+    words = shlex.split(text)
+    name, sep, spec = words[0].partition(":")
+    if not sep or not spec:
+        raise SystemExit(f"--run {text!r}: expected NAME:CONFIG.py[:variant] [--config.k=v ...]")
+    return name, spec, words[1:]
+
+
+def seconds_per_step(cfg, warmup: int = 2, iters: int = 6) -> float:
+    """Seconds per train step of ``cfg`` at its own sizes (compile and warm-up excluded)."""
+    import copy
+
+    from experiments.bench_train import bench_step
+
+    probe = copy.deepcopy(cfg)
+    r = bench_step(probe, int(cfg.data.global_batch_size), int(cfg.data.image_size), warmup,
+                   iters)
+    return r["s_per_step"]
+
+
+def train_for_budget(cfg, workdir: Path, budget_s: float) -> dict:
+    from tsfd_jax.loop import train_and_evaluate
+
+    s_step = seconds_per_step(cfg)
+    steps = max(int(budget_s / s_step), 10)
+    cfg.total_steps = steps
+    cfg.optim.warmup_steps = min(int(cfg.optim.warmup_steps), steps // 10)
+    cfg.log_every_steps = max(steps // 20, 1)
+    cfg.eval_every_steps = 0
+    cfg.checkpoint_every_steps = steps
+    cfg.keep_checkpoints = 1
+    t0 = time.perf_counter()
+    train_and_evaluate(cfg, workdir, overwrite=True, progress=False)
+    return {"steps": steps, "s_per_step_probe": s_step, "train_wall_s": time.perf_counter() - t0,
+            "images_seen": steps * int(cfg.data.global_batch_size)}
+
+
+def scores(eval_dir: Path) -> dict:
+    report = json.loads((eval_dir / "report.json").read_text())
+    s = report["summary"]
+    out = {k: s[k] for k in ("bPQ", "mPQ", "dice", "det_F1") if k in s}
+    out["class_PQ"] = report["pq"]["class_PQ"]
+    return out
+
+
+def prepare_synthetic(root: Path, image_size: int, images_per_fold: int, seed: int) -> Path:
+    from tsfd_jax.data.synthetic import write_pannuke
+
+    folder = root / f"synthetic-{image_size}px-{images_per_fold}"
+    write_pannuke(folder, num_images=images_per_fold, seed=seed, folds=3, image_size=image_size)
+    return folder
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", choices=sorted(DEFAULT_RUNS), default="synthetic")
+    p.add_argument("--data", default="", help="dataset folder (consep: the tiles folder)")
+    p.add_argument("--image-size", type=int, default=0,
+                   help="synthetic: patch size of every run (default: each config's own)")
+    p.add_argument("--images-per-fold", type=int, default=320, help="synthetic images per fold")
+    p.add_argument("--run", action="append", default=[],
+                   help="NAME:CONFIG[:variant] [--config.k=v ...] (repeatable; default: the "
+                        "reference UNet and the CPU-sized TSFD-Net of the dataset)")
+    p.add_argument("--budget-min", type=float, default=4.0, help="training minutes per run")
+    p.add_argument("--no-tune", action="store_true", help="skip post-processing tuning")
+    p.add_argument("--workdir", default="runs/quality", help="folder of the runs")
+    p.add_argument("--out", default="", help="JSON file for the results")
+    args = p.parse_args()
+
+    from tsfd_jax import compilation_cache
+    from tsfd_jax.configs_cli import load_config
+    from tsfd_jax.evaluate_cli import evaluate_workdir, tune_workdir
+
+    compilation_cache.enable()
+    root = Path(args.workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    runs = [parse_run(r) for r in (args.run or DEFAULT_RUNS[args.dataset])]
+    rows = []
+    header = (f"{'run':<16} {'steps':>6} {'images':>7} {'train s':>8} {'bPQ':>6} {'mPQ':>6} "
+              f"{'Dice':>6} {'F1d':>6} {'bPQ tuned':>9} {'mPQ tuned':>9}  per-class PQ (tuned)")
+    print(header)
+    for name, spec, overrides in runs:
+        cfg = load_config(spec, overrides)
+        if args.dataset == "synthetic":
+            if args.image_size:
+                ratio = int(cfg.input.size) / int(cfg.data.image_size)
+                cfg.data.image_size = args.image_size
+                cfg.input.size = int(round(args.image_size * ratio))
+            cfg.data.root = str(args.data or prepare_synthetic(
+                root, int(cfg.data.image_size), args.images_per_fold, int(cfg.seed)))
+            # Tuning needs a validation fold that is not the test fold.
+            cfg.data.train_split, cfg.data.val_split, cfg.data.test_split = SYNTHETIC_SPLITS
+        else:
+            if not args.data:
+                raise SystemExit("--dataset consep needs --data FOLDER")
+            cfg.data.root = args.data
+        workdir = root / f"{args.dataset}-{name}"
+        trained = train_for_budget(cfg, workdir, 60.0 * args.budget_min)
+        untuned = scores(evaluate_workdir(workdir, checkpoint="last", name="untuned",
+                                          overwrite=True, tuned=False))
+        row = {"run": name, "config": spec, "overrides": overrides, "dataset": args.dataset,
+               "budget_min": args.budget_min, **trained, **untuned}
+        if not args.no_tune:
+            tuned_params = tune_workdir(workdir, checkpoint="last")
+            tuned = scores(evaluate_workdir(workdir, checkpoint="last", name="tuned",
+                                            overwrite=True))
+            row["tuned"] = {**tuned, "postprocess": tuned_params}
+        rows.append(row)
+        t = row.get("tuned", untuned)
+        cls = " ".join(f"{v:.2f}" for v in t["class_PQ"].values())
+        print(f"{name:<16} {row['steps']:>6} {row['images_seen']:>7} {row['train_wall_s']:>8.0f} "
+              f"{untuned['bPQ']:>6.3f} {untuned['mPQ']:>6.3f} {untuned.get('dice', 0):>6.3f} "
+              f"{untuned['det_F1']:>6.3f} {t['bPQ']:>9.3f} {t['mPQ']:>9.3f}  {cls}", flush=True)
+        if args.out:
+            write_json(args.out, {"machine": machine(), "args": vars(args), "rows": rows})
+    if args.out:
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

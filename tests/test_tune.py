@@ -1,0 +1,83 @@
+"""Post-processing tuned on validation: the search, the stored file and who uses it."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default, demo
+from tsfd_jax.data.pannuke import masks_to_instances
+from tsfd_jax.data.synthetic import generate
+from tsfd_jax.errors import UserError
+from tsfd_jax.evaluate import _truth_layout
+from tsfd_jax.evaluate_cli import load_run_config
+from tsfd_jax.ops.targets import boundaries
+from tsfd_jax.postprocess import PostprocessParams, postprocess
+from tsfd_jax.tune import TUNED_FILE, score, search
+
+
+def _uncertain_predictions(n=6, size=64):
+    """Probabilities a half-trained model gives: the right nuclei and boundaries, but the
+    class probability split between the true class (0.45) and another one (0.35)."""
+    images, masks, _ = generate(n, 3, image_size=size)
+    seg, bdr, truth = [], [], []
+    for m in masks:
+        inst, cls = masks_to_instances(m)[:2]
+        p = np.zeros((size, size, 6), np.float32)
+        fg = inst > 0
+        p[..., 0] = np.where(fg, 0.2, 1.0)
+        rows, cols = np.nonzero(fg)
+        p[rows, cols, cls[fg]] = 0.45
+        p[rows, cols, cls[fg] % 5 + 1] = 0.35
+        seg.append(p)
+        bdr.append(0.9 * np.asarray(boundaries(jnp.asarray(inst)), np.float32))
+        truth.append(_truth_layout(inst, cls, 5))
+    return {"seg": np.stack(seg), "boundary": np.stack(bdr), "truth": np.stack(truth),
+            "tissue": np.zeros(n, np.int64)}
+
+
+def test_split_class_probabilities_lose_nuclei_in_the_paper_method_not_in_markers():
+    data = _uncertain_predictions(2)
+    paper = postprocess(data["seg"][0], data["boundary"][0], PostprocessParams())
+    markers = postprocess(data["seg"][0], data["boundary"][0],
+                          PostprocessParams(method="markers", min_size=8))
+    true_count = int(len(np.unique(data["truth"][0][..., :5])) - 1)
+    assert paper.num_instances == 0
+    assert abs(markers.num_instances - true_count) <= max(2, true_count // 10)
+
+
+def test_search_finds_settings_that_recover_the_nuclei():
+    cfg = demo.get_config()
+    data = _uncertain_predictions()
+    best, tuned, untuned = search(cfg, data, "mPQ")
+    assert untuned["bPQ"] < 0.05
+    assert tuned["bPQ"] > 0.75 and tuned["mPQ"] > 0.6
+    # The returned scores are those of the returned settings.
+    assert score(cfg, data, best) == tuned
+
+
+def _workdir(tmp_path, postprocess_json=None):
+    (tmp_path / "config.json").write_text(json.dumps(default.get_config().to_dict()))
+    if postprocess_json is not None:
+        (tmp_path / TUNED_FILE).write_text(postprocess_json)
+    return tmp_path
+
+
+def test_run_config_uses_the_tuned_settings_unless_asked_not_to(tmp_path):
+    params = {**default.get_config().postprocess.to_dict(), "method": "markers",
+              "seg_threshold": 0.3}
+    wd = _workdir(tmp_path, json.dumps({"postprocess": params, "metric": "mPQ"}))
+    assert load_run_config(wd).postprocess.method == "markers"
+    assert load_run_config(wd).postprocess.seg_threshold == 0.3
+    assert load_run_config(wd, tuned=False).postprocess.method == "paper"
+
+
+@pytest.mark.parametrize("text", ["{", json.dumps({"other": 1}),
+                                  json.dumps({"postprocess": {"method": "magic"}})])
+def test_a_broken_tuned_file_is_a_one_line_error(tmp_path, text):
+    wd = _workdir(tmp_path, text)
+    with pytest.raises(UserError, match=TUNED_FILE):
+        load_run_config(wd)

@@ -1,0 +1,119 @@
+"""Post-processing tuned on the validation split, stored in the workdir (docs/learning.md).
+
+The model runs once over the validation images; the post-processing settings are then searched
+on those probabilities for the config's metric (``best_metric`` without ``val_``: mPQ or bPQ),
+as StarDist optimises its thresholds on held-back images. The search is a coordinate descent per
+post-processing method over ``GRID`` (each setting in turn takes its best value while the others
+stay, two sweeps), started from the config's values. The result goes to
+``<workdir>/postprocess.json``; ``evaluate`` and ``predict`` use it unless told not to
+(``--untuned``) and ``--config.postprocess.*`` overrides it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tsfd_jax.checkpoints import write_atomic
+from tsfd_jax.errors import UserError
+from tsfd_jax.evaluate import _truth_layout, predict_batches
+from tsfd_jax.metrics.pq import pannuke_pq
+from tsfd_jax.postprocess import METHODS, PostprocessParams, postprocess_batch, to_pannuke_layout
+
+TUNED_FILE = "postprocess.json"
+# Values searched per setting. Settings a method does not use are not searched for it.
+GRID: dict[str, tuple] = {
+    "seg_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
+    "boundary_threshold": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
+    "min_size": (4, 8, 12, 16, 22, 32),
+    "closing_size": (1, 3),
+    "erosion_size": (1, 3),
+    "dilation_size": (1, 3, 5),
+    "vote": ("component", "nucleus"),
+}
+USED_BY = {"paper": tuple(GRID),
+           "markers": ("seg_threshold", "boundary_threshold", "min_size")}
+SWEEPS = 2
+
+
+def tuned_metric(cfg) -> str:
+    name = str(cfg.best_metric or "").removeprefix("val_")
+    return name if name in ("mPQ", "bPQ") else "mPQ"
+
+
+def collect(cfg, variables: dict, source, max_images: int | None = None) -> dict:
+    """Probabilities, PanNuke-layout truth and tissue of every image of ``source``."""
+    seg, bdr, truth, tissue = [], [], [], []
+    num_classes = len(cfg.data.label_names) - 1
+    for host, out in predict_batches(cfg, variables, source, max_images=max_images):
+        seg.append(out["seg_prob"])
+        bdr.append(out["boundary_prob"])
+        tissue.extend(int(t) for t in host["tissue"])
+        truth.extend(_truth_layout(i, c, num_classes) for i, c in zip(host["inst"], host["cls"]))
+    return {"seg": np.concatenate(seg), "boundary": np.concatenate(bdr),
+            "truth": np.stack(truth), "tissue": np.asarray(tissue)}
+
+
+def score(cfg, data: dict, params: PostprocessParams, workers: int = 0) -> dict:
+    """mPQ and bPQ of ``params`` on collected probabilities (the evaluation's averaging)."""
+    class_names = tuple(cfg.data.label_names)[1:]
+    tissue_names = tuple(cfg.data.tissue_names)
+    results = postprocess_batch(data["seg"], data["boundary"], params, workers)
+    pred = np.stack([to_pannuke_layout(r.inst, r.classes, len(class_names)) for r in results])
+    types = None
+    if tissue_names:
+        types = np.asarray([tissue_names[t] if t < len(tissue_names) else str(t)
+                            for t in data["tissue"]])
+    pq = pannuke_pq(data["truth"], pred, types, class_names=class_names,
+                    tissue_names=tissue_names or None, match_iou=float(cfg.eval.match_iou))
+    return {"mPQ": float(pq["mPQ"]), "bPQ": float(pq["bPQ"])}
+
+
+def search(cfg, data: dict, metric: str, workers: int = 0,
+           methods: tuple[str, ...] = METHODS) -> tuple[PostprocessParams, dict, dict]:
+    """(best params, their scores, the config's own scores) by coordinate descent."""
+    start = PostprocessParams.of(cfg.postprocess)
+    cache: dict[PostprocessParams, dict] = {}
+
+    def value(p: PostprocessParams) -> float:
+        if p not in cache:
+            cache[p] = score(cfg, data, p, workers)
+        v = cache[p][metric]
+        return -1.0 if np.isnan(v) else v
+
+    best = start
+    value(start)
+    for method in methods:
+        current = dataclasses.replace(start, method=method)
+        for _ in range(SWEEPS):
+            for key in USED_BY[method]:
+                for v in GRID[key]:
+                    candidate = dataclasses.replace(current, **{key: v})
+                    if value(candidate) > value(current):
+                        current = candidate
+        if value(current) > value(best):
+            best = current
+    return best, cache[best], cache[start]
+
+
+def save_tuned(workdir: Path, result: dict) -> Path:
+    path = Path(workdir) / TUNED_FILE
+    write_atomic(path, json.dumps(result, indent=2))
+    return path
+
+
+def load_tuned(workdir: str | Path) -> dict[str, Any] | None:
+    """The tuned post-processing settings of a workdir, or None if it was never tuned."""
+    path = Path(workdir) / TUNED_FILE
+    if not path.exists():
+        return None
+    try:
+        params = json.loads(path.read_text())["postprocess"]
+        PostprocessParams.of(params)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: not a tuned post-processing file ({e})") from None
+    return params
