@@ -59,13 +59,15 @@ def test_command_line_accepts_overrides_and_names_a_missing_workdir(tmp_path, ca
 
 def test_evaluation_without_tissue_labels_averages_over_images():
     """A dataset without tissues (CoNSeP, image folders): mPQ and bPQ are numbers, the images
-    forming one group "all" (averaging over an empty tissue list gave NaN)."""
+    forming one group "all" (averaging over an empty tissue list gave NaN); evaluating twice
+    with one ``make_eval_fn`` compiles the eval step once."""
     import numpy as np
 
     from configs import tiny
     from tests.test_model import random_variables
     from tests.train_utils import disc_batch
-    from tsfd_jax.evaluate import evaluate_source
+    from tsfd_jax import parallel
+    from tsfd_jax.evaluate import evaluate_source, make_eval_fn
     from tsfd_jax.models.summary import abstract_variables
     from tsfd_jax.models.tsfd import build_model, input_shape
 
@@ -77,7 +79,12 @@ def test_evaluation_without_tissue_labels_averages_over_images():
     b = disc_batch(6, 32, seed=4)
     source = [{"image": b["image"][i], "inst": b["inst"][i], "cls": b["cls"][i], "tissue": 0,
                "key": f"x{i}"} for i in range(6)]
-    report = evaluate_source(cfg, variables, source, mesh=None, workers=0, with_report=True)
+    mesh = parallel.make_mesh(("data",))
+    eval_fn = make_eval_fn(cfg, mesh)
+    for _ in range(2):  # as validation does during training: the step compiles once
+        report = evaluate_source(cfg, variables, source, mesh=mesh, workers=0, with_report=True,
+                                 eval_fn=eval_fn)
+    assert eval_fn._cache_size() == 1
     s = report["summary"]
     assert np.isfinite(s["mPQ"]) and np.isfinite(s["bPQ"]) and s["images"] == 6
     assert report["pq"]["tissue_images"] == {"all": 6}

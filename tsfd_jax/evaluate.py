@@ -51,20 +51,27 @@ def gather_host_batch(batch: dict) -> dict:
     return out
 
 
-def predict_batches(cfg, variables: dict, source, *, mesh=None,
-                    max_images: int | None = None) -> Iterator[tuple[dict, dict]]:
-    """Yield (host batch, host outputs) with probabilities, only valid examples kept."""
-    from tsfd_jax.data.pipeline import eval_batches, to_global
+def make_eval_fn(cfg, mesh):
+    """The jitted eval step of ``cfg`` over ``mesh``: build it once per run and pass it to every
+    ``evaluate_source`` / ``predict_batches`` call, so validation compiles once."""
     from tsfd_jax.models.tsfd import build_model
     from tsfd_jax.ops.preprocess import make_preprocess_fn
     from tsfd_jax.train import make_eval_step
 
-    mesh = mesh or parallel.make_mesh(tuple(cfg.mesh.axes))
-    model = build_model(cfg)
     repl = parallel.replicated(mesh)
-    step = jax.jit(make_eval_step(cfg, model, make_preprocess_fn(cfg)),
+    return jax.jit(make_eval_step(cfg, build_model(cfg), make_preprocess_fn(cfg)),
                    in_shardings=(repl, parallel.batch_sharded(mesh)), out_shardings=repl)
-    variables = jax.device_put(variables, repl)
+
+
+def predict_batches(cfg, variables: dict, source, *, mesh=None, max_images: int | None = None,
+                    eval_fn=None) -> Iterator[tuple[dict, dict]]:
+    """Yield (host batch, host outputs) with probabilities, only valid examples kept;
+    ``eval_fn`` from ``make_eval_fn(cfg, mesh)`` (built here when not given)."""
+    from tsfd_jax.data.pipeline import eval_batches, to_global
+
+    mesh = mesh or parallel.make_mesh(tuple(cfg.mesh.axes))
+    step = eval_fn or make_eval_fn(cfg, mesh)
+    variables = jax.device_put(variables, parallel.replicated(mesh))
     seen = 0
     for batch in eval_batches(source, eval_batch_size(cfg, mesh)):
         if max_images is not None and seen >= max_images:
@@ -89,7 +96,8 @@ def predict_batches(cfg, variables: dict, source, *, mesh=None,
 
 def evaluate_source(cfg, variables: dict, source, *, mesh=None, max_images: int | None = None,
                     with_report: bool = True, out_dir: str | Path | None = None,
-                    workers: int | None = None, protocol: str = "official") -> dict[str, Any]:
+                    workers: int | None = None, protocol: str = "official",
+                    eval_fn=None) -> dict[str, Any]:
     """Run the model over ``source`` and compute every metric.
 
     Returns a flat dict of scalars (mPQ, bPQ, det_F1, tissue_accuracy, loss, dice, ...); with
@@ -138,7 +146,8 @@ def evaluate_source(cfg, variables: dict, source, *, mesh=None, max_images: int 
     def device_stream():
         nonlocal loss_sum, dice_sum
         t = time.perf_counter()
-        for host, out in predict_batches(cfg, variables, source, mesh=mesh, max_images=max_images):
+        for host, out in predict_batches(cfg, variables, source, mesh=mesh,
+                                         max_images=max_images, eval_fn=eval_fn):
             timings["device_s"] += time.perf_counter() - t
             n = out["num_valid"]
             loss_sum += float(out["loss"]) * n

@@ -28,6 +28,7 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
 
     from tsfd_jax.data.pipeline import to_global, train_iterator
     from tsfd_jax.data.resolve import load_split
+    from tsfd_jax.evaluate import make_eval_fn
     from tsfd_jax.models.tsfd import build_model
     from tsfd_jax.ops.preprocess import make_preprocess_fn
     from tsfd_jax.train import create_state, init_state, make_optimizer, make_train_step
@@ -87,6 +88,7 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
     pending: list[dict] = []
     last: dict = {}
     t0, n0 = time.perf_counter(), step
+    eval_fn = None
     try:
         while step < total:
             batch = next(data_iter)
@@ -114,7 +116,9 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
                 t0, n0 = time.perf_counter(), step
             val = None
             if is_eval:
-                val = _validate(cfg, workdir, state, mesh, step)
+                if eval_fn is None:
+                    eval_fn = make_eval_fn(cfg, mesh)  # once per run: validation compiles once
+                val = _validate(cfg, workdir, state, mesh, step, eval_fn)
                 writer.write(step, val)
                 bar.write(f"step {step}: " + ", ".join(
                     f"{k}={v:.4f}" for k, v in val.items() if isinstance(v, float)))
@@ -138,13 +142,14 @@ def _summarise(metrics: list[dict]) -> dict:
     return out
 
 
-def _validate(cfg, workdir: Path, state, mesh, step: int) -> dict:
+def _validate(cfg, workdir: Path, state, mesh, step: int, eval_fn) -> dict:
     from tsfd_jax.data.resolve import load_split
     from tsfd_jax.evaluate import evaluate_source
 
     source = load_split(cfg, workdir, "val")
     result = evaluate_source(cfg, state.variables(), source, mesh=mesh,
-                             max_images=int(cfg.eval_max_images) or None, with_report=False)
+                             max_images=int(cfg.eval_max_images) or None, with_report=False,
+                             eval_fn=eval_fn)
     return {f"val_{k}": v for k, v in result.items() if isinstance(v, (int, float))}
 
 

@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from tsfd_jax.configs_cli import load_config
     from tsfd_jax.data.synthetic import write_pannuke
-    from tsfd_jax.evaluate_cli import evaluate_workdir
+    from tsfd_jax.evaluate_cli import evaluate_workdir, tune_workdir
     from tsfd_jax.loop import train_and_evaluate
 
     out = Path(args.out)
@@ -55,7 +55,11 @@ def run(args) -> int:
     print(f"[4/5] train {cfg.total_steps} steps -> {workdir}")
     train_and_evaluate(cfg, workdir, progress=not args.no_progress)
 
-    print(f"[5/5] evaluate on {cfg.data.test_split}")
+    print(f"[5/5] evaluate on {cfg.data.test_split}: the config's post-processing, then the "
+          f"one tuned on {cfg.data.val_split}")
+    evaluate_workdir(workdir, checkpoint="last", name="demo-untuned", overwrite=True,
+                     tuned=False)
+    tune_workdir(workdir, checkpoint="last")
     eval_dir = evaluate_workdir(workdir, checkpoint="last", name="demo", overwrite=True)
     print(f"\nreport: {eval_dir / 'report.md'}\noverlays: {eval_dir / 'overlays.png'}")
     return 0
