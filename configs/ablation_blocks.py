@@ -16,7 +16,7 @@ ablated and need no switch. How each row maps to the config (changes to configs/
 | exp5    | cbb_cwff_id | CBB + CWFF + ID (CBB-Net)  | tissue_head=False              | .494  | .623  |
 | exp6    | no_da       | TSFD-Net, no augmentation  | augment.enabled=False          | .4636 | -     |
 
-mPQ / bPQ: PAPER Table 4 (TSFD_FACTS §9.1; "-": not in the text; exp3's bPQ is the headline
+mPQ / bPQ: PAPER Table 4 (docs/evaluation.md; "-": not in the text; exp3's bPQ is the headline
 .6377). Readings:
 - Rows without CWFF or CFF have no BiFPN at all: the gated pyramid P2..P7 goes straight into the
   interlinked decoders (``model.num_bifpn=0``).

@@ -56,7 +56,7 @@ def table_functions(variants: dict, paper_model: str, file: str):
                 yield {"config": f"{file}:{name}{fold}"}
 
     def sweep_tsfd():
-        """Every row on the authors' released split (TSFD_FACTS §7.3)."""
+        """Every row on the authors' released split (docs/data.md)."""
         for name in variants:
             yield {"config": f"{file}:{name},tsfd_split"}
 

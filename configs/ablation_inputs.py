@@ -1,6 +1,6 @@
 """PAPER Table 5: the network input, RGB alone or with the colour-deconvolved stain channels.
 
-The stain channels come from colour deconvolution (PAPER Eq. 13-15, TSFD_FACTS §3.3): h
+The stain channels come from colour deconvolution (PAPER Eq. 13-15, docs/preprocessing.md): h
 (haematoxylin), e (eosin) and r (the third, residual stain). They are computed on device from the
 (augmented) RGB image and stacked after it (``input.channels``). The last row trains on all six
 channels and zeroes the r channel at evaluation (``input.drop_r_at_inference``), to show how much
@@ -13,7 +13,7 @@ the trained network relies on it. Changes to configs/default.py:
 | rgb_her        | exp3  | RGB + h + e + r (TSFD-Net) | (none: the paper model)        | .504  | .6377 |
 | rgb_her_drop_r | exp4  | r dropped at inference     | input.drop_r_at_inference=True | .4661 | -     |
 
-mPQ / bPQ: PAPER Table 5 (TSFD_FACTS §3.3, §9.1; "-": not in the text; rgb_her's bPQ is the
+mPQ / bPQ: PAPER Table 5 (docs/preprocessing.md, §9.1; "-": not in the text; rgb_her's bPQ is the
 headline .6377). Only the first convolution (the stem) changes with the number of channels;
 ``drop_r`` is also accepted for the last row. The paper repeated every row 5 times (seeds 0..4).
 

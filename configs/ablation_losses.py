@@ -3,7 +3,7 @@
 Three heads, three losses: the tissue classifier (focal, Eq. 6, or cross-entropy), the
 segmentation head (focal Tversky FT, Eq. 8, optionally + w (BCE + Dice), Eq. 7, 9-10) and the
 boundary head (FT, optionally + w Combo, Eq. 11-12); w is the auxiliary weight (0.4 in Table 3).
-Only the best row (.504) and the w = 0.9 row (.488) are in the text (TSFD_FACTS §2.1); this file
+Only the best row (.504) and the w = 0.9 row (.488) are in the text (docs/losses.md); this file
 reads the table as an incremental study of one switch at a time (the tissue loss, each auxiliary
 term, both, then the weight). Changes to configs/default.py:
 

@@ -1,11 +1,11 @@
 """PAPER Table 7: the input resolution (256, 512 = the paper model, 768).
 
 PanNuke patches are 256 x 256 and are resized bilinearly to ``input.size`` on device; the labels
-stay at 256 (``data.image_size``). The network's outputs are at input / 2 (TSFD_FACTS §1.8): 256
+stay at 256 (``data.image_size``). The network's outputs are at input / 2 (docs/model.md): 256
 for a 512 input, as in the paper. At 256 input the logits are 128 x 128 and at 768 they are
 384 x 384; both are resized bilinearly to the 256 labels before the losses and post-processing
-(``tsfd_jax.train.resize_to_labels``, DESIGN §3). The paper does not say how its 256 and 768 runs
-matched the 256 labels (TSFD_FACTS §9.1). Changes to configs/default.py:
+(``tsfd_jax.train.resize_to_labels``, docs/data.md). The paper does not say how its 256 and 768 runs
+matched the 256 labels (docs/evaluation.md). Changes to configs/default.py:
 
 | variant | alias | input | batch | changed fields                             | mPQ   | bPQ   |
 |---------|-------|-------|-------|--------------------------------------------|-------|-------|
@@ -14,10 +14,10 @@ matched the 256 labels (TSFD_FACTS §9.1). Changes to configs/default.py:
 | res768  | 768   | 768   | 9     | input.size=768, data.global_batch_size=9,  | .4386 | -     |
 |         |       |       |       | total_steps=94583, optim.warmup_steps=1330 |       |       |
 
-mPQ / bPQ: PAPER Table 7 (TSFD_FACTS §9.1; "-": not in the text; res512's bPQ is the headline
+mPQ / bPQ: PAPER Table 7 (docs/evaluation.md; "-": not in the text; res512's bPQ is the headline
 .6377; the paper's res256 run has Dead PQ 0). The 768 run used batch 9 (PAPER §4.4, memory);
 the training length is kept in epochs, as the authors' code counts it (150 epochs and a 3-epoch
-warm-up, TSFD_FACTS §7.2): total and warm-up steps x 16/9; the learning rate is unchanged (the
+warm-up, docs/data.md): total and warm-up steps x 16/9; the learning rate is unchanged (the
 paper gives no other). Batch 9 needs 1, 3 or 9 devices (the paper used 3 GPUs); set
 ``--config.data.global_batch_size`` otherwise. The paper repeated every row 5 times (seeds 0..4).
 
@@ -34,7 +34,7 @@ res512.
 
 Runtime: the paper's 3 RTX 2080 took 255 / 556 / 1085 s per epoch at 256 / 512 / 768 (PAPER
 Table 7, 150 epochs: about 11 h / 23 h / 45 h); its GFLOPs column (185 / 739 / 1664) over-counts
-depthwise convolutions (TSFD_FACTS §1.11; experiments/bench_model.py measures ours).
+depthwise convolutions (docs/model.md §4; experiments/bench_model.py measures ours).
 """
 
 from configs import default

@@ -1,11 +1,11 @@
 """TSFD-Net as the authors' code builds and trains it, where it differs from the paper.
 
-``configs/default.py`` follows the paper; this file switches every point of TSFD_FACTS §9.4 that
+``configs/default.py`` follows the paper; this file switches every point of docs/FIDELITY.md that
 has a switch to the behaviour of the authors' TensorFlow code (github Mr-TalhaIlyas/TSFD;
 docs/FIDELITY.md has the full list). Its model has exactly the authors' 22,130,095 parameters
 (Keras reports 22,130,108: 13 more for the backbone's unused input Normalization layer).
 
-Switched here (section of TSFD_FACTS, item of §9.4):
+Switched here (docs/FIDELITY.md; item of docs/model.md's table of paper-or-code points):
 - model.seg_third_term = False   seg decoder without Eq. 3's third term (§1.7; item 4)
 - input.stain_matrix = "authors" H, E and H x E residual matrix, ln scaling (§3.3; item 11)
 - input.stain_scaling = "minmax" per-image, per-channel min-max inversion (§3.3; item 11)

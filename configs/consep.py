@@ -9,7 +9,7 @@ network is CBB (no tissue classifier, ``model.tissue_head=False``, ``data.tissue
 
 The default model is configs/demo.py's compound-scaled-down TSFD-Net (EfficientNet widths / 4,
 one block per stage, C_GB = 32, 2 BiFPNs; 0.36 M parameters) at a 256 input for the 256 labels:
-its logits are 128 x 128 and are resized bilinearly to the labels (DESIGN §3). A 512 input (the
+its logits are 128 x 128 and are resized bilinearly to the labels (docs/data.md). A 512 input (the
 paper's 2x) costs about 3.5x more per step on a CPU (measured 11.3 s against 3.2 s per batch of 8
 on 2 shared cores), too slow for the hour this config aims at.
 

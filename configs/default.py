@@ -141,7 +141,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ml.axes = ("data",)
     ml.distributed = False        # jax.distributed.initialize() for multi-host
 
-    # ---- post-processing (PAPER §4.3, TSFD_FACTS §5) -------------------------------------
+    # ---- post-processing (PAPER §4.3, docs/evaluation.md) -------------------------------------
     c.postprocess = p = ml_collections.ConfigDict()
     p.seg_threshold = 0.5
     p.boundary_threshold = 0.5

@@ -12,7 +12,7 @@ without loss and optimiser. Weights are random (the initialisers are not what is
 
 FLOPs: XLA cost analysis of the forward pass of one image at 256/512/768 (and forward+backward
 at ``--size``), beside PAPER Table 7 (185 / 739 / 1664 GFLOPs, an over-count: depthwise convs
-counted as dense, TSFD_FACTS §1.11) and the ~23 GFLOPs estimate at 512 from the layer shapes.
+counted as dense, docs/model.md §4) and the ~23 GFLOPs estimate at 512 from the layer shapes.
 
   python experiments/bench_model.py --batch 8 --iters 20 --out bench_model.json
   python experiments/bench_model.py --batch 1 --iters 2 --warmup 1 --out bench_model.json  # CPU
@@ -34,7 +34,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PAPER_TABLE7_GFLOPS = {256: 185.0, 512: 739.0, 768: 1664.0}
-ESTIMATE_512_GFLOPS = 23.0  # TSFD_FACTS §1.11: ~11.5 GMACs from the authors' summary shapes
+ESTIMATE_512_GFLOPS = 23.0  # docs/model.md §4: ~11.5 GMACs from the authors' summary shapes
 
 
 def random_variables(abstract, seed: int = 0):

@@ -9,7 +9,9 @@ cosine) is then run, so no run is cut off mid-schedule.
 
 Datasets: ``synthetic`` (PanNuke-format folds written by data/synthetic.py at the configs'
 ``data.image_size``; ``--image-size`` changes it for every run) and ``consep`` (the folder of
-CoNSeP tiles given by ``--data``, split by source image as configs/consep.py does).
+CoNSeP tiles given by ``--data``: ``--test-fraction`` of the source images held out as the test
+set, the rest split into train and validation by the config as configs/consep.py does). The
+post-processing is tuned on the validation split and scored on the test split.
 
   python experiments/bench_quality.py --dataset synthetic --budget-min 4 --out q_synth.json
   python experiments/bench_quality.py --dataset consep --data ../shared/data/consep/train \
@@ -98,6 +100,31 @@ def prepare_synthetic(root: Path, image_size: int, images_per_fold: int, seed: i
     return folder
 
 
+def hold_out_images(root: Path, data: Path, fraction: float, seed: int,
+                    class_names) -> tuple[Path, Path]:
+    """Split an image + label folder by source image into a training folder (links) and a
+    prepared test set that neither training nor tuning sees; returns (train folder, test)."""
+    import os
+
+    from tsfd_jax.data.folders import split_by_group
+    from tsfd_jax.data.prepare import prepare
+
+    stems = sorted(p.stem for p in data.iterdir() if p.suffix == ".npz")
+    train, test = split_by_group(stems, fraction, seed)
+    base = root / f"{data.name}-heldout{fraction:g}-seed{seed}"
+    for name, chosen in (("train", train), ("test", test)):
+        folder = base / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in data.iterdir():
+            if f.stem in chosen or f.suffix == ".txt":
+                link = folder / f.name
+                if not link.exists():
+                    os.symlink(f.resolve(), link)
+    prepared_test = base / "test-prepared"
+    prepare("folders", [base / "test"], prepared_test, classes=class_names, progress=False)
+    return base / "train", prepared_test
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", choices=sorted(DEFAULT_RUNS), default="synthetic")
@@ -108,6 +135,8 @@ def main() -> None:
     p.add_argument("--run", action="append", default=[],
                    help="NAME:CONFIG[:variant] [--config.k=v ...] (repeatable; default: the "
                         "reference UNet and the CPU-sized TSFD-Net of the dataset)")
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="consep: share of source images held out for the test (not tuned on)")
     p.add_argument("--budget-min", type=float, default=4.0, help="training minutes per run")
     p.add_argument("--no-tune", action="store_true", help="skip post-processing tuning")
     p.add_argument("--workdir", default="runs/quality", help="folder of the runs")
@@ -137,20 +166,24 @@ def main() -> None:
                 root, int(cfg.data.image_size), args.images_per_fold, int(cfg.seed)))
             # Tuning needs a validation fold that is not the test fold.
             cfg.data.train_split, cfg.data.val_split, cfg.data.test_split = SYNTHETIC_SPLITS
+            test_data, test_split = "", ""
         else:
             if not args.data:
                 raise SystemExit("--dataset consep needs --data FOLDER")
-            cfg.data.root = args.data
+            train_dir, test_data = hold_out_images(root, Path(args.data), args.test_fraction, 1,
+                                                   tuple(cfg.data.label_names)[1:])
+            cfg.data.root, test_split = str(train_dir), "train"
         workdir = root / f"{args.dataset}-{name}"
         trained = train_for_budget(cfg, workdir, 60.0 * args.budget_min)
+        test = {"data": str(test_data), "split": test_split}
         untuned = scores(evaluate_workdir(workdir, checkpoint="last", name="untuned",
-                                          overwrite=True, tuned=False))
+                                          overwrite=True, tuned=False, **test))
         row = {"run": name, "config": spec, "overrides": overrides, "dataset": args.dataset,
                "budget_min": args.budget_min, **trained, **untuned}
         if not args.no_tune:
             tuned_params = tune_workdir(workdir, checkpoint="last")
             tuned = scores(evaluate_workdir(workdir, checkpoint="last", name="tuned",
-                                            overwrite=True))
+                                            overwrite=True, **test))
             row["tuned"] = {**tuned, "postprocess": tuned_params}
         rows.append(row)
         t = row.get("tuned", untuned)

@@ -1,6 +1,6 @@
 """A plain re-implementation of the official PanNuke evaluation, for tests and benchmarks.
 
-Written from the published algorithm (PanNuke-metrics run.py + utils.py, TSFD_FACTS §6.2) in its
+Written from the published algorithm (PanNuke-metrics run.py + utils.py, docs/data.md) in its
 loop-per-instance form, sharing no code with tsfd_jax.metrics.pq: one boolean mask per
 instance, IoU per overlapping pair, contiguous relabelling by masks. Two departures, both needed
 for the official code to run on every valid input: ``binarize`` renumbers its output to

@@ -106,7 +106,7 @@ def test_docstring_lists_every_variant_with_the_paper_number(module):
 
 
 def test_paper_numbers_of_the_ablation_tables():
-    # TSFD_FACTS §9.1 / §3.3 / §2.1, typed once more here.
+    # docs/evaluation.md / §3.3 / §2.1, typed once more here.
     got = {(name, v): MODULES[name].VARIANTS[v]["mpq"] for name, v in VARIANTS}
     assert got[("ablation_blocks", "exp1")] == 0.4721
     assert got[("ablation_blocks", "exp4")] == 0.4845

@@ -22,7 +22,7 @@ from tsfd_jax.models.layers import DepthwiseConv2D, Layers
 
 TINY = (0.25, 0.5)  # width, depth: 10 blocks, three of them residual with stochastic depth
 # Keras 3.15.1 EfficientNetB4(include_top=False, weights=None).count_params() at 3 and 6 input
-# channels (the 6-channel value is also TSFD's model_summary backbone size, TSFD_FACTS §1.11).
+# channels (the 6-channel value is also TSFD's model_summary backbone size, docs/model.md §4).
 # Both include the identity Normalization layer's mean, variance (C each) and count (1).
 KERAS_B4_PARAMS = {3: 17_673_823, 6: 17_675_125}
 
@@ -32,7 +32,7 @@ def _count(tree) -> int:
 
 
 def test_b4_stages_match_tsfd_summary():
-    # TSFD_FACTS §1.1: repeats / out channels per stage, stem 48, top 1792, 25 residual blocks.
+    # docs/model.md: repeats / out channels per stage, stem 48, top 1792, 25 residual blocks.
     specs = block_specs(*efficientnet_config("b4"))
     reps = [sum(s.stage == i for s in specs) for i in range(1, 8)]
     outs = [next(s.filters_out for s in specs if s.stage == i) for i in range(1, 8)]

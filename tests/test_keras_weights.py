@@ -152,7 +152,7 @@ def test_b0_matches_keras(tmp_path):
 def test_b4_matches_keras(tmp_path):
     k3, k6, v3, v6 = _check_against_keras(*B4, tmp_path)
     assert _n_params(v3) + 7 == k3.count_params() == 17_673_823
-    assert _n_params(v6) + 13 == k6.count_params() == 17_675_125  # TSFD_FACTS §1.11
+    assert _n_params(v6) + 13 == k6.count_params() == 17_675_125  # docs/model.md §4
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Losses (PAPER Eq. 5-12, TSFD_FACTS §2) against float64 numpy written from the equations.
+"""Losses (PAPER Eq. 5-12, docs/losses.md) against float64 numpy written from the equations.
 
 The references below never call tsfd_jax.losses: each one is the paper's equation or the authors'
 Keras expression, spelled out in numpy (extended precision where the 1/gamma power is steep).

@@ -1,6 +1,6 @@
 """TSFD-Net above the backbone: BiFPN / decoder wiring, output block, sizes, switches, summary.
 
-References: float64 numpy written from the formulas of TSFD_FACTS §1.4-§1.8 (BiFPN, decoders,
+References: float64 numpy written from the formulas of docs/model.md-§1.8 (BiFPN, decoders,
 output block, TF bilinear with half-pixel centres as an interpolation matrix, TF's transposed
 convolution), and the parameter counts of the authors' Keras model summary (§1.11).
 Full-size models are only traced (``jax.eval_shape``); real forward passes use tiny widths.
@@ -122,7 +122,7 @@ def np_bn(x, p, s):
 
 
 def np_fr(x, p, s):
-    """FR block (TSFD_FACTS §1.4) on one image (H, W, C)."""
+    """FR block (docs/model.md) on one image (H, W, C)."""
     y = swish(np_bn(np_depthwise(x, p["dwconv"]["kernel"], p["dwconv"]["bias"]), p["bn"], s["bn"]))
     v = y.mean(axis=(0, 1))
     v = swish(v @ p["reduce"]["kernel"] + p["reduce"]["bias"])
@@ -131,7 +131,7 @@ def np_fr(x, p, s):
 
 
 def np_node(xs, p, s):
-    """Fusion node (TSFD_FACTS §1.5) in eval mode: FR per input, sum, dw 3x3, BN, swish."""
+    """Fusion node (docs/model.md) in eval mode: FR per input, sum, dw 3x3, BN, swish."""
     total = sum(np_fr(x, p[f"fr_{k}"], s[f"fr_{k}"]) for k, x in enumerate(xs))
     y = np_depthwise(total, p["dwconv"]["kernel"], p["dwconv"]["bias"])
     return swish(np_bn(y, p["bn"], s["bn"]))
@@ -261,7 +261,7 @@ def test_upsampling_block_matches_tf_semantics(features):
         np.testing.assert_allclose(got[b], want, rtol=1e-4, atol=1e-5)
 
 
-# ---- sizes (TSFD_FACTS §1.11) ----------------------------------------------------------------
+# ---- sizes (docs/model.md §4) ----------------------------------------------------------------
 
 # Per-block counts derived from the layer formulas: depthwise 3x3 with bias, BN (4 per channel).
 def fr_params(c: int, ratio: int = 8) -> int:

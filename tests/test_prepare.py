@@ -206,7 +206,7 @@ def test_tsfd_lists_parse():
     parsed = [splits.parse_tsfd_name(n) for v in lists.values() for n in v]
     assert {t for t, _, _ in parsed} == set(PANNUKE_TISSUES)
     assert {f for _, f, _ in parsed} == {1, 2, 3}
-    # Fold sizes 2,656 / 2,523 / 2,722 with 0-based indices (TSFD_FACTS §3.1).
+    # Fold sizes 2,656 / 2,523 / 2,722 with 0-based indices (docs/preprocessing.md).
     for f, n in ((1, 2656), (2, 2523), (3, 2722)):
         assert sorted(i for _, ff, i in parsed if ff == f) == list(range(n))
     per_tissue = Counter(splits.parse_tsfd_name(n)[0] for n in lists["train"])

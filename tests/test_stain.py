@@ -16,7 +16,7 @@ LATTICE = np.array(list(itertools.product([0, 1, 2, 7, 64, 128, 200, 254, 255], 
 
 
 def authors_her_float64(rgb: np.ndarray) -> np.ndarray:
-    """TSFD_FACTS §3.3, written out: rows H, E, HxE; S = ln(max(rgb,1e-6))/ln(1e-6) @ inv(M)."""
+    """docs/preprocessing.md, written out: rows H, E, HxE; S = ln(max(rgb,1e-6))/ln(1e-6) @ inv(M)."""
     h = np.array([0.65, 0.70, 0.29])
     e = np.array([0.07, 0.99, 0.11])
     m = np.stack([h, e, np.cross(h, e)])

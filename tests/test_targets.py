@@ -16,7 +16,7 @@ _boundaries = jax.jit(boundaries)
 
 
 def authors_frame(h, w, width=2):
-    """TSFD_FACTS §3.4: ones with the interior [2:-2, 2:-2] zeroed."""
+    """docs/preprocessing.md: ones with the interior [2:-2, 2:-2] zeroed."""
     f = np.ones((h, w), bool)
     f[width:h - width, width:w - width] = False
     return f

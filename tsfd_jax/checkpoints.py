@@ -1,4 +1,4 @@
-"""Workdir and checkpoints: orbax CheckpointManager with train state + grain iterator (DESIGN §6).
+"""Workdir and checkpoints: orbax CheckpointManager with train state + grain iterator (README, Training).
 
 Layout of a workdir::
 
@@ -9,7 +9,7 @@ Layout of a workdir::
     archive/<time>/      what --overwrite moved aside (nothing a user made is deleted)
 
 The latest N checkpoints and the best one by the validation metric are kept (orbax preservation
-policies; ``max_to_keep`` with ``best_fn`` would delete the latest, JAX_NOTES §2c).
+policies; ``max_to_keep`` with ``best_fn`` would delete the latest).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 PanNuke masks hold one instance-id channel per nucleus class (channels 0..4) and a background
 channel (5). Inside the project labels are ``PanNuke channel + 1`` with 0 = background, which is
-HoVer-Net's order (TSFD_FACTS §6.1). TSFD's own order (5 = neoplastic) is never used.
+HoVer-Net's order (docs/evaluation.md). TSFD's own order (5 = neoplastic) is never used.
 """
 
 # The 19 tissue names exactly as written in PanNuke's types.npy; np.unique order (§8.2).

@@ -1,4 +1,4 @@
-"""Model + split -> predictions in the PanNuke layout -> every metric (DESIGN §2, §4 Evaluation).
+"""Model + split -> predictions in the PanNuke layout -> every metric (docs/evaluation.md).
 
 The model runs on device batch by batch; post-processing runs on host workers while the device
 computes the next batch; PQ follows the official PanNuke protocol against the real (prepared)
@@ -171,7 +171,7 @@ def evaluate_source(cfg, variables: dict, source, *, mesh=None, max_images: int 
             pred_masks[k] = to_pannuke_layout(inst.inst, inst.classes, num_classes)
             true_masks[k] = _truth_layout(host["inst"][j], host["cls"][j], num_classes)
             if protocol == "tsfd":
-                # Ground truth rebuilt the authors' way (TSFD_FACTS §6.3), for comparison only.
+                # Ground truth rebuilt the authors' way (docs/evaluation.md), for comparison only.
                 gt = rebuild_tsfd_ground_truth(
                     host["inst"][j], host["cls"][j], cfg.postprocess, num_classes=num_classes,
                     frame_width=int(cfg.targets.frame_width))

@@ -270,7 +270,7 @@ def _box_sum(x: Array, k: int) -> Array:
 
 def border_weights(target_onehot: Array, kernel: int = 11, border_weight: float = 3.0,
                    mask: Array | None = None) -> Array:
-    """The authors' border weights (TSFD_FACTS §2.2), one per pixel and channel.
+    """The authors' border weights (docs/losses.md), one per pixel and channel.
 
     A = k x k stride-1 'SAME' average of the one-hot per channel, counting only pixels inside the
     image (TF average pooling excludes the padding) and inside ``mask``; border = 0.005 < A < 0.995;
@@ -293,7 +293,7 @@ def border_weights(target_onehot: Array, kernel: int = 11, border_weight: float 
 
 def weighted_bce_dice(logits: Array, target: Array, mask: Array | None = None,
                       kernel: int = 11, border_weight: float = 3.0) -> Array:
-    """The authors' segmentation auxiliary loss (TSFD_FACTS §2.2): weighted BCE + squared Dice.
+    """The authors' segmentation auxiliary loss (docs/losses.md): weighted BCE + squared Dice.
 
     w = border_weights(one-hot); BCE weighted on positive elements only (p clipped as Keras),
     normalised by sum(w); Dice squared with weights w^2 and smoothing 1.

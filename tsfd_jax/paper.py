@@ -1,6 +1,6 @@
 """The paper's reported TSFD-Net numbers (Ilyas et al. 2022), for side-by-side report columns.
 
-Source: PAPER Tables 8-10 and the authors' eval README (TSFD_FACTS §9.1). The paper evaluated on
+Source: PAPER Tables 8-10 and the authors' eval README (docs/evaluation.md). The paper evaluated on
 a random per-tissue split against ground truth rebuilt by its own post-processing, so these are
 not directly comparable with the official 3-fold protocol (docs/FIDELITY.md).
 """

@@ -1,10 +1,10 @@
-"""Device mesh, shardings and multi-host start-up (DESIGN §5).
+"""Device mesh, shardings and multi-host start-up (README, Training).
 
 Data parallel over one mesh axis ``data``: parameters and optimiser state replicated, the batch
 sharded on its leading axis. Under ``jax.jit`` with these shardings XLA inserts the all-reduces, so
 BatchNorm statistics are computed over the global batch: that is the synchronised BN of the paper
-(JAX_NOTES §2a). The mesh uses ``AxisType.Auto``: the Explicit default breaks vmapped per-example
-augmentation (JAX_NOTES §2f).
+(jax.sharding docs). The mesh uses ``AxisType.Auto``: the Explicit default breaks vmapped per-example
+augmentation (docs/preprocessing.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Probabilities -> nucleus instances with a class each (paper §4.3, TSFD_FACTS §5).
+"""Probabilities -> nucleus instances with a class each (paper §4.3, docs/evaluation.md).
 
 The steps of the authors' code (scripts/morphology.py), every threshold and size from
 ``cfg.postprocess``, without their denoising check (which can wipe images with few small nuclei):
@@ -353,7 +353,7 @@ def marker_instances(seg_prob: np.ndarray, boundary_prob: np.ndarray,
 
 def rebuild_tsfd_ground_truth(inst: np.ndarray, cls: np.ndarray, cfg_pp: Any = None,
                               frame_width: int = 2, num_classes: int | None = None) -> Instances:
-    """Ground truth rebuilt the TSFD authors' way (TSFD_FACTS §6.3), for ``--protocol tsfd``.
+    """Ground truth rebuilt the TSFD authors' way (docs/evaluation.md), for ``--protocol tsfd``.
 
     Semantic map + thick instance boundaries (find_boundaries, 4-connectivity, 'thick') + the
     frame band enclosing nuclei within ``frame_width`` px of the edge, thinned, then the same

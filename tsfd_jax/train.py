@@ -1,4 +1,4 @@
-"""Training state, optimiser, the jitted train step and the training loop (PAPER §4.4, DESIGN §5-6).
+"""Training state, optimiser, the jitted train step and the training loop (PAPER §4.4, README, Training).
 
 SGD with momentum 0.9, weight decay on conv/dense kernels only, learning rate linear 0 -> peak over
 the warm-up steps then cosine to 0 at ``total_steps``. One ``jax.jit`` step over a ``data`` mesh:
@@ -53,7 +53,7 @@ def kernel_mask(params: PyTree) -> PyTree:
 
 
 def fusion_kernel_mask(params: PyTree) -> PyTree:
-    """True for the kernels the authors' code regularises (TSFD_FACTS §1.10): the gating convs
+    """True for the kernels the authors' code regularises (docs/model.md): the gating convs
     and the depthwise kernels of every BiFPN / decoder node and of every FR block."""
     flat = flax.traverse_util.flatten_dict(params)
 
@@ -134,7 +134,7 @@ def foreground_dice(seg_logits: jax.Array, cls: jax.Array, weight: jax.Array) ->
 
 
 def resize_to_labels(outputs: dict, size: tuple[int, int]) -> dict:
-    """Logits at a different size than the labels are resized bilinearly (DESIGN §3)."""
+    """Logits at a different size than the labels are resized bilinearly (docs/data.md)."""
     out = dict(outputs)
     for name in ("seg_logits", "boundary_logits"):
         x = out[name]

@@ -3,7 +3,7 @@
 Converts Keras EfficientNet weights (e.g. the ImageNet ``efficientnetb4_notop.h5``) into an orbax
 checkpoint of the backbone, {'params', 'batch_stats'}, that a config names as
 ``model.init_checkpoint``. Layers whose shapes differ from the file (the stem of a 6-channel
-network) keep a fresh initialisation, as in TSFD-Net (TSFD_FACTS §1.1); the report lists them.
+network) keep a fresh initialisation, as in TSFD-Net (docs/model.md); the report lists them.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ A folder holds ``<stem>.png|jpg|jpeg|tif|tiff`` images, each with a ``<stem>.npz
 ``classes.txt`` in the folder (one name a line) or are given explicitly; without ``type`` every
 nucleus is class 1 of the single class "Nucleus".
 
-Prepared contract (DESIGN §3): ``image`` uint8 RGB, ``inst`` int32 contiguous 1..K (original id
+Prepared contract (docs/data.md): ``image`` uint8 RGB, ``inst`` int32 contiguous 1..K (original id
 order), ``cls`` uint8 = the majority ``type`` over the instance's labelled pixels (ties: the
 smaller label), ``tissue`` 0 (folders carry no tissue), ``key`` = the stem. An instance without
 any labelled pixel is dropped (it has no class to learn); every such repair is counted.

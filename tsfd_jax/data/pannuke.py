@@ -1,21 +1,21 @@
 """PanNuke fold files -> prepared examples (memory-mapped, validated).
 
-Reads the official download layout (TSFD_FACTS §8.1)::
+Reads the official download layout (docs/data.md)::
 
     <root>/Fold 1/images/fold1/images.npy   (N, H, W, 3) RGB, float64 0..255
-    <root>/Fold 1/images/fold1/types.npy    (N,) tissue names (TSFD_FACTS §8.2)
+    <root>/Fold 1/images/fold1/types.npy    (N,) tissue names (docs/data.md)
     <root>/Fold 1/masks/fold1/masks.npy     (N, H, W, 6) channels 0..4 instance ids per class,
                                             channel 5 background (1 = background)
 
 or a folder holding one fold's three files directly. Arrays are memory-mapped; each example is
 read and validated when it is requested, so a fold is never loaded whole.
 
-Conversion to the prepared contract (DESIGN §3): ``image`` uint8, ``inst`` int32 contiguous 1..K,
+Conversion to the prepared contract (docs/data.md): ``image`` uint8, ``inst`` int32 contiguous 1..K,
 ``cls`` uint8 = mask channel + 1. PanNuke masks are not always clean; every repair is counted:
 
 * A pixel set in several class channels keeps the channel holding the LARGEST raw id (ties:
   the lower channel). This is the authors' argmax over the raw mask values, so ``cls``
-  reproduces their semantic labels pixel for pixel (TSFD_FACTS §3.1).
+  reproduces their semantic labels pixel for pixel (docs/preprocessing.md).
 * An instance is a (channel, id) pair, as in the official evaluation, which reads every channel
   separately (§6.2): the same id in two channels gives two instances (counted as shared ids).
 * Output ids follow the order of (original id, channel), so clean masks (ids 1..K, one channel

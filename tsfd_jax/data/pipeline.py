@@ -1,9 +1,9 @@
 """Host input pipelines (grain): shuffled, repeated, per-process training batches; ordered,
 padded evaluation batches; host-local batches -> global sharded ``jax.Array``.
 
-This is the host half of the data flow of DESIGN §1 (files -> prepared records -> grain on the
+This is the host half of the data flow of docs/data.md (files -> prepared records -> grain on the
 host -> device). Everything here is numpy: augmentation, stain channels and targets run later on
-the device (``tsfd_jax.ops.preprocess``). Host batches (DESIGN §3):
+the device (``tsfd_jax.ops.preprocess``). Host batches (docs/data.md):
 
   image (B, H, W, 3) uint8 RGB     inst (B, H, W) int32     cls (B, H, W) uint8
   tissue (B,) int32                index (B,) int32 (position in the source; -1 for padding)
@@ -11,7 +11,7 @@ the device (``tsfd_jax.ops.preprocess``). Host batches (DESIGN §3):
   key: list of B str (evaluation batches only; host side, never sent to the device)
 
 B is the per-process batch: the global batch divided by the number of processes. Each process
-reads only its own shard of the source (multi-host, DESIGN §5) and ``to_global`` assembles the
+reads only its own shard of the source (multi-host, README, Training) and ``to_global`` assembles the
 process-local batches into one global array sharded over the mesh axis ``data``.
 """
 

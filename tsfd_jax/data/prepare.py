@@ -1,6 +1,6 @@
 """Examples -> a prepared, random-access dataset (TFDS ArrayRecord + metadata.json), and reading it.
 
-The "prepared records" stage of DESIGN §1: PanNuke folds (``pannuke.py``) or image + label
+The "prepared records" stage of docs/data.md: PanNuke folds (``pannuke.py``) or image + label
 folders (``folders.py``) are converted once, validated, and written by a
 ``tfds.core.GeneratorBasedBuilder`` in ArrayRecord format (no TensorFlow needed: images are
 given to TFDS as PNG bytes, DatasetInfo is built directly). Layout of a prepared folder::

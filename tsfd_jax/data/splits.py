@@ -1,8 +1,8 @@
 """Train / val / test sources from a prepared dataset under the two split schemes.
 
 * ``official``: the prepared split names of the config (``data.train_split`` etc., '+' joins
-  several), e.g. PanNuke's 3-fold rotation (TSFD_FACTS §6.2: train F1 / val F2 / test F3, ...).
-* ``tsfd``: the TSFD authors' released file lists (TSFD_FACTS §7.3; train 5,675 / val 303 /
+  several), e.g. PanNuke's 3-fold rotation (docs/data.md: train F1 / val F2 / test F3, ...).
+* ``tsfd``: the TSFD authors' released file lists (docs/data.md; train 5,675 / val 303 /
   test 1,923 PanNuke images), shipped as package data ``tsfd_jax/data/splits/{role}.txt`` with
   lines ``img_{Tissue}_{fold}_{index:05d}.png`` (index 0-based within the fold's .npy arrays).
 """

@@ -1,6 +1,6 @@
 """Synthetic PanNuke-format H&E patches: the project's embedded default dataset.
 
-Real PanNuke (TSFD_FACTS §8) cannot ship with the project, so ``demo``, the tests and any machine
+Real PanNuke (docs/data.md) cannot ship with the project, so ``demo``, the tests and any machine
 without the download train and evaluate on patches drawn by this generative model instead. The
 output has exactly PanNuke's format (§8.1): images (N, S, S, 3) float64 RGB holding integers
 0..255, masks (N, S, S, 6) float64 with one instance-id map per class in channels 0..4

@@ -1,6 +1,6 @@
 """Detection and classification by HoVer-Net's protocol (compute_stats.run_nuclei_type_stat).
 
-Paper Table 10; TSFD_FACTS §6.4. Per image, true and predicted nucleus centroids are paired by a
+Paper Table 10; docs/evaluation.md. Per image, true and predicted nucleus centroids are paired by a
 Hungarian assignment on their Euclidean distances, keeping pairs at most ``radius`` (12 px)
 apart. Counts are pooled over the whole set:
 

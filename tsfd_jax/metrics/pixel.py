@@ -1,7 +1,7 @@
 """Pixel-level metrics: Dice, per-class precision/recall/F1 and precision-recall curves.
 
-The TSFD authors report pixel-wise per-class P/R/F1 and PR curves (paper Fig. 6-7; TSFD_FACTS
-§6.3: sklearn ``precision_recall_fscore_support(average='macro')`` on each binary class map, i.e.
+The TSFD authors report pixel-wise per-class P/R/F1 and PR curves (paper Fig. 6-7; authors' code,
+docs/evaluation.md: sklearn ``precision_recall_fscore_support(average='macro')`` on each binary class map, i.e.
 the mean of the foreground and background scores). ``pixel_prf`` gives both the plain
 foreground scores and that macro variant.
 """

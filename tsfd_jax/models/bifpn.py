@@ -4,7 +4,7 @@ Names from the paper: CWFF = channel-wise feature fusion (fusion with FR blocks)
 feature fusion (the Table 4 ablation without FR), FR = feature reweighing, FF = feature fusion
 node ("Conv" in PAPER Eqs. 1-4), C_GB = channels after the gating block.
 
-As built (TSFD_FACTS §1.3-§1.6, the authors' ``bifpn.py``):
+As built (docs/model.md-§1.6, the authors' ``bifpn.py``):
 - ``GatingBlock``: 3x3 conv to C_GB (bias) -> BN -> swish -> channel dropout, one per level.
 - ``FeatureReweighing``: depthwise 3x3 (bias) -> BN -> swish -> squeeze-excite (GAP, Dense C/8
   swish, Dense C sigmoid, He-normal kernels) -> channel-wise product with the post-swish map.
@@ -15,7 +15,7 @@ As built (TSFD_FACTS §1.3-§1.6, the authors' ``bifpn.py``):
 
 Resizing happens only where two maps differ in size, decided from the actual shapes (P4/P5 and
 P6/P7 share a stride), with the exact x2 operations of ``ops/resize.py``. ``jax.image.resize``
-would lower bilinear resizing to dense matmuls (JAX_NOTES §2e), so it is never used here.
+would lower bilinear resizing to dense matmuls (BENCHMARKS.md), so it is never used here.
 
 Initialisers follow Keras: glorot-uniform kernels (also for the depthwise kernels: glorot only
 depends on fan_in + fan_out, which is the same for Keras' (3, 3, C, 1) and this (3, 3, 1, C)
@@ -63,7 +63,7 @@ def resize_to(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 
 class GatingBlock(nn.Module):
-    """3x3 conv to C_GB -> BN -> swish -> channel dropout (TSFD_FACTS §1.3).
+    """3x3 conv to C_GB -> BN -> swish -> channel dropout (docs/model.md).
 
     (B, H, W, C) -> (B, H, W, C_GB).
     """
@@ -82,7 +82,7 @@ class GatingBlock(nn.Module):
 
 
 class FeatureReweighing(nn.Module):
-    """FR block (TSFD_FACTS §1.4): the per-channel weight vector V of PAPER Eqs. 1-4.
+    """FR block (docs/model.md): the per-channel weight vector V of PAPER Eqs. 1-4.
 
     (B, H, W, C) -> (B, H, W, C). Parameters at C=160: 1600 + 640 (BN) + 3220 + 3360 = 8,820.
     """
@@ -104,7 +104,7 @@ class FeatureReweighing(nn.Module):
 
 
 class FusionNode(nn.Module):
-    """FF node: Conv(sum_k V_k * x_k) of PAPER Eqs. 1-4 (TSFD_FACTS §1.5).
+    """FF node: Conv(sum_k V_k * x_k) of PAPER Eqs. 1-4 (docs/model.md).
 
     Inputs: a list of (B, H, W, C) maps already resized to a common size. Each input gets its own
     FR block (identity for CFF). Then depthwise 3x3 (bias) -> BN -> swish -> channel dropout.
@@ -134,7 +134,7 @@ def level_name(i: int) -> str:
 
 
 class BiFPN(nn.Module):
-    """One BiFPN (TSFD_FACTS §1.6); inputs and outputs P2..P7, each (B, H_l, W_l, C_GB).
+    """One BiFPN (docs/model.md); inputs and outputs P2..P7, each (B, H_l, W_l, C_GB).
 
     Top-down:  P6td = FF(P6, P7); Pltd = FF(Pl, up(P(l+1)td)) for l = 5..3;
                P2out = FF(P2, up(P3td)).

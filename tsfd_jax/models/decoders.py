@@ -1,6 +1,6 @@
 """Interlinked decoders and output blocks of TSFD-Net (PAPER §3.3, Eqs. 3-4).
 
-The decoders read the outputs P2..P7 of the last BiFPN (TSFD_FACTS §1.7, the authors'
+The decoders read the outputs P2..P7 of the last BiFPN (docs/model.md, the authors'
 ``OP_BiFPN``). Every node is a ``FusionNode`` (FR per input, sum, depthwise 3x3, BN, swish)
 without dropout.
 
@@ -15,7 +15,7 @@ Boundary branch, each node fusing the BiFPN map one level above, the previous bo
 the segmentation node of the same level (Eq. 4, which the code matches):
     I6 = FF(P7, S6);  Il = FF(up(P(l+1)), up(I(l+1)), Sl)   for l = 5..2
 
-Output block (TSFD_FACTS §1.8, the code's ``Upsampling_block``; the paper's "3x3 conv + 1x1
+Output block (docs/model.md, the code's ``Upsampling_block``; the paper's "3x3 conv + 1x1
 conv" refinement differs, §9.4 item 5): [bilinear x2 -> conv 3x3] + [transposed conv 3x3,
 stride 2], swish, depthwise 3x3; no activation, so the heads return logits at half the input
 resolution (softmax / sigmoid live in the losses and post-processing).
@@ -55,7 +55,7 @@ class InterlinkedDecoders(nn.Module):
 
         def node(name: str, xs: list[jax.Array], size: tuple[int, int]) -> jax.Array:
             xs = [resize_to(x, size) for x in xs]
-            # No dropout in decoder nodes (TSFD_FACTS §1.5).
+            # No dropout in decoder nodes (docs/model.md).
             return FusionNode(self.reweigh, self.se_ratio, 0.0, self.layers,
                               name=name)(xs, train)
 
@@ -76,7 +76,7 @@ class InterlinkedDecoders(nn.Module):
 
 
 class UpsamplingBlock(nn.Module):
-    """Output block: (B, H, W, C_in) -> (B, 2H, 2W, features) logits (TSFD_FACTS §1.8).
+    """Output block: (B, H, W, C_in) -> (B, 2H, 2W, features) logits (docs/model.md).
 
     Parameters at C_in=160: features=6 -> 8646 + 8646 + 60; features=1 -> 1441 + 1441 + 10.
     The transposed conv with 'SAME' padding places its taps as Keras' Conv2DTranspose does

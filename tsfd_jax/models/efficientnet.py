@@ -1,7 +1,7 @@
 """EfficientNet B0..B7 backbone with Keras' exact topology, returning a pyramid of tapped features.
 
 TSFD-Net's encoder (the paper's "B4M") is Keras' ``EfficientNetB4(include_top=False)`` with a
-6-channel stem (TSFD_FACTS §1.1). This module rebuilds that network layer for layer so
+6-channel stem (docs/model.md). This module rebuilds that network layer for layer so
 that Keras weights (ImageNet, or a Keras-trained TSFD backbone) load by name
 (``models/keras_weights.py``):
 
@@ -13,7 +13,7 @@ that Keras weights (ImageNet, or a Keras-trained TSFD backbone) load by name
   (ratio 0.25 of the block's input channels) -> project 1x1 conv + BN -> [stochastic depth +
   residual add when stride 1 and channels in == out];
 - stride-2 convs use 'SAME' padding, which equals Keras' explicit ``correct_pad`` zero padding
-  followed by a 'valid' conv (TSFD_FACTS §9.3; tests/test_efficientnet.py checks it);
+  followed by a 'valid' conv (docs/FIDELITY.md; tests/test_efficientnet.py checks it);
 - BatchNorm momentum 0.99, epsilon 1e-3 (Keras defaults); kernels initialised with Keras'
   ``VarianceScaling(2.0, 'fan_out', 'truncated_normal')``.
 
@@ -22,7 +22,7 @@ layer is never adapted in TSFD (mean 0, variance 1 = identity), so the network s
 callers divide by 255 themselves. Keras counts that layer's 2*C+1 statistics as parameters (13 for
 6 channels), this module has none.
 
-Taps (TSFD_FACTS §1.2): a tap is a block name (``"block2d"``) meaning that block's output (after
+Taps (docs/model.md): a tap is a block name (``"block2d"``) meaning that block's output (after
 the residual add when there is one), ``"stem"`` (stem activation) or ``"top"`` (top activation).
 TSFD-Net taps the last block of stages 2..6 and the top; ``stage_end_taps`` gives those names for
 any scaling (tiny test configs have fewer blocks per stage).
@@ -75,7 +75,7 @@ STEM_FILTERS = 32
 TOP_FILTERS = 1280
 SE_RATIO = 0.25
 
-# TSFD-Net's pyramid P2..P7 for B4 (TSFD_FACTS §1.2).
+# TSFD-Net's pyramid P2..P7 for B4 (docs/model.md).
 DEFAULT_TAPS: tuple[str, ...] = ("block2d", "block3d", "block4f", "block5f", "block6h", "top")
 
 # Keras CONV_KERNEL_INITIALIZER. Depthwise kernels are stored (kh, kw, 1, C) here but

@@ -1,7 +1,7 @@
 """Import Keras EfficientNet weights (ImageNet, or a Keras-trained TSFD backbone) into the backbone.
 
 TSFD-Net starts from ImageNet EfficientNetB4 weights for every layer except the 6-channel stem
-(TSFD_FACTS §1.1: the authors renamed stem_conv and stem_bn with a "_pet" suffix so that
+(docs/model.md: the authors renamed stem_conv and stem_bn with a "_pet" suffix so that
 ``load_weights(by_name=True)`` skipped both). ``load_keras_efficientnet`` does the same by name:
 ``models/efficientnet.py`` names its submodules like the Keras layers, so each Keras layer fills
 the module of the same name, and a layer whose shapes differ (the stem conv of a 3-channel file
@@ -45,7 +45,7 @@ _BN_ORDER = (("params", "scale"), ("params", "bias"), ("batch_stats", "mean"),
              ("batch_stats", "var"))
 _KERAS_NAMES = {"kernel": "kernel", "depthwise_kernel": "kernel", "bias": "bias",
                 "gamma": "scale", "beta": "bias", "moving_mean": "mean", "moving_variance": "var"}
-# TSFD renamed its 6-channel stem layers with this suffix (TSFD_FACTS §1.1).
+# TSFD renamed its 6-channel stem layers with this suffix (docs/model.md).
 _TSFD_SUFFIX = "_pet"
 
 

@@ -1,12 +1,12 @@
 """Model size and cost: parameters per part (as Keras counts them) and XLA FLOPs.
 
 Parameters are counted like Keras' ``model.summary()``: trainable parameters plus BatchNorm
-moving statistics (``params`` + ``batch_stats``). Keras' TSFD total (22,130,108, TSFD_FACTS
-§1.11) also holds the 13 constants of the backbone's unused input Normalization layer, which this
+moving statistics (``params`` + ``batch_stats``). Keras' TSFD total (22,130,108, docs/model.md
+§3) also holds the 13 constants of the backbone's unused input Normalization layer, which this
 model does not have (22,130,095 for the authors' configuration).
 
 FLOPs come from XLA's cost analysis of the lowered (unoptimised) HLO of one unsharded
-single-device program (under a sharded jit the numbers would be per device, JAX_NOTES §2e).
+single-device program (under a sharded jit the numbers would be per device, BENCHMARKS.md).
 XLA counts 2 FLOPs per multiply-add and excludes the zero taps of SAME padding; element-wise work
 (BN, swish, sums) is included.
 """

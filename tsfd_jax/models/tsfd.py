@@ -1,7 +1,7 @@
 """TSFD-Net assembled from the config: FDB (with tissue classifier) or CBB (PAPER §3, Fig. 2).
 
 FDB = feature distillation block (encoder + BiFPNs + decoders + tissue classifier, TC);
-CBB = the same network without the TC head (Table 4). Data flow (TSFD_FACTS §1):
+CBB = the same network without the TC head (Table 4). Data flow (docs/model.md):
 
     x (B, S, S, n_ch) in [0, 1]
     -> EfficientNet ("backbone"), taps P2..P7 (strides 4, 8, 16, 16, 32, 32)
@@ -14,7 +14,7 @@ CBB = the same network without the TC head (Table 4). Data flow (TSFD_FACTS §1)
 Outputs (float32 whatever the compute dtype): ``seg_logits`` (B, S/2, S/2, L) with L = number
 of labels including background, ``boundary_logits`` (B, S/2, S/2, 1), and ``tissue_logits``
 (B, T) for FDB only. The network takes inputs already divided by 255 (Keras' EfficientNet
-rescales inside; its Normalization layer is never adapted in TSFD, TSFD_FACTS §1.1).
+rescales inside; its Normalization layer is never adapted in TSFD, docs/model.md).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class TSFDNet(nn.Module):
             "boundary_logits": UpsamplingBlock(1, layers, name="boundary_head")(bdr),
         }
         if self.tissue_head:
-            # TC on the gated P7 (TSFD_FACTS §1.9); the softmax lives in the loss.
+            # TC on the gated P7 (docs/model.md); the softmax lives in the loss.
             v = jnp.mean(gated_top.astype(jnp.float32), axis=(1, 2))
             v = nn.Dropout(self.classifier_dropout, deterministic=not train)(v)
             out["tissue_logits"] = layers.dense(self.num_tissues, kernel_init=glorot_uniform,

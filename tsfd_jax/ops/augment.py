@@ -1,4 +1,4 @@
-"""On-device data augmentation, one example at a time (PAPER §4.2; TSFD_FACTS §4; DESIGN §4).
+"""On-device data augmentation, one example at a time (PAPER §4.2; docs/preprocessing.md; docs/preprocessing.md).
 
 Pure functions of (key, arrays) with static shapes: they run under ``jax.jit`` and ``jax.vmap``
 (one PRNG key per example). The authors used imgaug on the host; the mapping to JAX is:

@@ -1,9 +1,9 @@
-"""Device-side preprocessing: host batch -> (network inputs, targets) (PAPER §3.1, §4.2; DESIGN §3).
+"""Device-side preprocessing: host batch -> (network inputs, targets) (PAPER §3.1, §4.2; docs/data.md).
 
 Order, per batch (inside the jitted train/eval step):
 1. (train and ``augment.enabled``) ``augment_example`` per example under ``jax.vmap`` with
    ``jax.random.split(key, B)``: geometric on image + labels, then photometric on the image.
-2. Boundary target from the (augmented) ``inst``/``cls`` and content mask (TSFD_FACTS §3.4).
+2. Boundary target from the (augmented) ``inst``/``cls`` and content mask (docs/preprocessing.md).
 3. RGB resized bilinearly from the label size H to ``input.size`` (256 -> 512 by the exact x2
    stencil of ``ops/resize.py``); labels stay at H.
 4. Stain channels from the augmented, resized RGB (``input.stain_matrix``/``stain_scaling``).

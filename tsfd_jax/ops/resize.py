@@ -1,4 +1,4 @@
-"""Exact x2 bilinear resizes as stencils, and the input resize (TSFD_FACTS §1.6, §3.2).
+"""Exact x2 bilinear resizes as stencils, and the input resize (docs/model.md, §3.2).
 
 TSFD-Net resizes feature maps only by factors of 2 (BiFPN up()/down(), decoder upsampling) and
 its 256 px PanNuke patches are resized to the 512 px network input. With TensorFlow's bilinear
@@ -9,7 +9,7 @@ resize (half-pixel centres, no antialias) both factors reduce to tiny fixed sten
         0.75 * nearest input + 0.25 * next input along each axis, edges clamped.
 
 ``jax.image.resize(..., 'bilinear')`` gives the same numbers but lowers to dense matmuls (about
-100x the FLOPs, JAX_NOTES §2e), so it is only used for factors other than 2 in
+100x the FLOPs, BENCHMARKS.md), so it is only used for factors other than 2 in
 ``resize_bilinear``. All functions take (..., H, W, C) arrays and keep their dtype.
 """
 

@@ -1,4 +1,4 @@
-"""Colour deconvolution of H&E images into stain channels (PAPER §3.1, Eqs. 13-15; TSFD_FACTS §3.3).
+"""Colour deconvolution of H&E images into stain channels (PAPER §3.1, Eqs. 13-15; docs/preprocessing.md).
 
 Beer-Lambert: optical density OD = -log(I / I_max) per RGB channel (Eq. 13), stains S = OD . D
 with D the inverse of the stain matrix M whose rows are the stains' OD vectors (Eqs. 14-15).
@@ -53,7 +53,7 @@ def deconvolve(rgb: jax.Array, matrix: str = "hed") -> jax.Array:
     """(..., 3) RGB (uint8 or float, values 0..255) -> (..., 3) float32 stains (H, E, DAB|R).
 
     ``matrix="hed"`` equals ``skimage.color.rgb2hed(rgb / 255)`` (Eqs. 13-15); ``"authors"`` is
-    the authors' H/E/HxE deconvolution on 0..255 values (TSFD_FACTS §3.3).
+    the authors' H/E/HxE deconvolution on 0..255 values (docs/preprocessing.md).
     """
     d = jnp.asarray(conv_matrix(matrix), jnp.float32)
     x = jnp.asarray(rgb).astype(jnp.float32)

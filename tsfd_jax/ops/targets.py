@@ -1,4 +1,4 @@
-"""Training targets from instance and class maps (PAPER §3.3-3.4; TSFD_FACTS §3.1, §3.4).
+"""Training targets from instance and class maps (PAPER §3.3-3.4; docs/preprocessing.md, §3.4).
 
 - Semantic target: per-pixel class, one-hot over C+1 labels (0 = background).
 - Boundary target: the 2-px thick contour of every instance, equal to
@@ -73,7 +73,7 @@ def boundary_target(inst: jax.Array, cls: jax.Array, content_mask: jax.Array | N
     """(..., H, W) inst, cls [, content_mask] -> (..., H, W) float32 boundary target in {0, 1}.
 
     thick boundaries OR nucleus pixels (inst > 0 or cls > 0) within ``frame_width`` px of the
-    patch edge OR of the edge of the valid content region (TSFD_FACTS §3.4).
+    patch edge OR of the edge of the valid content region (docs/preprocessing.md).
     """
     h, w = inst.shape[-2:]
     nucleus = (inst > 0) | (cls > 0)
