@@ -35,10 +35,3 @@ PANNUKE_CLASS_COLORS: tuple[tuple[int, int, int], ...] = (
 PANNUKE_MPP = 0.25
 PANNUKE_TILE = 256
 
-
-def tissue_index(name: str, tissues: tuple[str, ...] = PANNUKE_TISSUES) -> int:
-    """Index of a tissue name; raises ValueError naming the unknown tissue."""
-    try:
-        return tissues.index(name)
-    except ValueError:
-        raise ValueError(f"unknown tissue name {name!r}; expected one of {', '.join(tissues)}") from None

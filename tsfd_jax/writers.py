@@ -48,9 +48,3 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
 
-
-def read_metrics(workdir: Path) -> list[dict]:
-    path = Path(workdir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
