@@ -89,6 +89,7 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
     last: dict = {}
     t0, n0 = time.perf_counter(), step
     eval_fn = None
+    last_val: dict | None = None
     try:
         while step < total:
             batch = next(data_iter)
@@ -119,6 +120,7 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
                 if eval_fn is None:
                     eval_fn = make_eval_fn(cfg, mesh)  # once per run: validation compiles once
                 val = _validate(cfg, workdir, state, mesh, step, eval_fn)
+                last_val = val
                 writer.write(step, val)
                 bar.write(f"step {step}: " + ", ".join(
                     f"{k}={v:.4f}" for k, v in val.items() if isinstance(v, float)))
@@ -131,7 +133,7 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
         manager.wait_until_finished()
         manager.close()
         writer.close()
-    return {**{f"train_{k}": v for k, v in last.items()}}
+    return {**{f"train_{k}": v for k, v in last.items()}, **(last_val or {})}
 
 
 def _summarise(metrics: list[dict]) -> dict:

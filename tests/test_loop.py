@@ -1,0 +1,50 @@
+"""The training loop end to end in seconds: a tiny UNet, 2 steps, validation, then evaluate,
+tune and resume; what the loop returns and what it leaves in the workdir."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from configs import tiny
+from tsfd_jax.data.synthetic import write_pannuke
+from tsfd_jax.evaluate_cli import evaluate_workdir, load_run_config, tune_workdir
+from tsfd_jax.loop import train_and_evaluate
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop")
+    write_pannuke(root / "synthetic", num_images=8, seed=0, folds=3, image_size=32)
+    cfg = tiny.get_config()
+    cfg.data.root = str(root / "synthetic")
+    cfg.model.arch, cfg.model.unet_features = "unet", (4, 8)
+    cfg.input.size = 32
+    cfg.eval_every_steps = 2
+    workdir = root / "run"
+    return cfg, workdir, train_and_evaluate(cfg, workdir, progress=False)
+
+
+def test_loop_returns_training_and_validation_metrics(run):
+    cfg, workdir, result = run
+    assert {"train_loss", "train_lr", "val_bPQ", "val_mPQ", "val_loss"} <= set(result)
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and "val_bPQ" in rows[-1]
+    assert (workdir / "checkpoints" / "2").is_dir()
+
+
+def test_tune_then_evaluate_uses_the_tuned_settings(run):
+    cfg, workdir, _ = run
+    tuned = tune_workdir(workdir, checkpoint="last", workers=0)
+    assert load_run_config(workdir).postprocess.to_dict() == tuned
+    saved = json.loads((workdir / "postprocess.json").read_text())
+    assert saved["tuned"][saved["metric"]] >= saved["untuned"][saved["metric"]]
+    out = evaluate_workdir(workdir, checkpoint="last", name="t", workers=0)
+    assert json.loads((out / "report.json").read_text())["summary"]["images"] == 8
+
+
+def test_finished_run_started_again_does_nothing(run):
+    cfg, workdir, _ = run
+    again = train_and_evaluate(cfg, workdir, progress=False)
+    assert "val_bPQ" not in again  # no step ran, so nothing was validated
