@@ -29,7 +29,7 @@ TUNED_FILE = "postprocess.json"
 GRID: dict[str, tuple] = {
     "seg_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
     "boundary_threshold": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
-    "min_size": (4, 8, 12, 16, 22, 32),
+    "min_size": (4, 8, 12, 16, 22, 32, 48, 64),
     "closing_size": (1, 3),
     "erosion_size": (1, 3),
     "dilation_size": (1, 3, 5),
