@@ -28,28 +28,12 @@ Variant ``:paper`` is the paper's network (B4, C_GB = 160, 3 BiFPNs, 512 input, 
 configs/default.py do not apply (CoNSeP has no folds).
 """
 
-from configs import default
+from configs import default, demo
 from tsfd_jax.constants import BACKGROUND
 
 # classes.txt of the CoNSeP folder, labels 1..4 (0 = background).
 CONSEP_CLASSES = ("other", "inflammatory", "epithelial", "spindle-shaped")
 TRAIN_TILES = 336  # 432 tiles minus 6 held-out source images (96 tiles) at val_fraction 0.2
-
-
-def small_data_recipe(c, min_size: int) -> None:
-    """What the ablations at equal CPU budget showed to learn faster than the paper's recipe at
-    this scale (docs/learning.md): AdamW instead of SGD, cross-entropy + 3 x BCE instead of the
-    focal-Tversky combinations, and the 'markers' post-processing (tune it on validation with
-    ``evaluate --tune``). The paper's settings stay the default for PanNuke (configs/default.py)."""
-    c.optim.name = "adamw"
-    c.optim.lr = 2e-3
-    c.optim.weight_decay = 1e-4
-    c.optim.warmup_steps = 20
-    c.loss.seg = "ce"
-    c.loss.boundary = "bce"
-    c.loss.w_boundary = 3.0
-    c.postprocess.method = "markers"
-    c.postprocess.min_size = min_size
 
 
 def get_config(arg: str | None = None):
@@ -78,17 +62,8 @@ def get_config(arg: str | None = None):
     d.num_workers = 0                # reading prepared records is cheap; workers cost start-up
     c.input.size = 256
 
-    m = c.model                      # configs/demo.py's widths
-    m.width_mult = 0.25
-    m.depth_mult = 0.3
-    m.drop_connect_rate = 0.1
-    m.gating_channels = 32
-    m.num_bifpn = 2
-    m.gating_dropout = 0.1
-    m.node_dropout = 0.1
-    m.bn_momentum = 0.9              # short run: 0.99 leaves the running statistics behind
-
-    small_data_recipe(c, min_size=16)
+    demo.cpu_model(c)
+    demo.small_data_recipe(c, min_size=16)
     c.total_steps = 600
     c.log_every_steps = 25
     c.eval_every_steps = 300

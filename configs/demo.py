@@ -1,10 +1,16 @@
 """The embedded default: a compound-scaled-down TSFD-Net on synthetic PanNuke, for a 2-core CPU.
 
 Everything of the paper model is there (EfficientNet taps, gating, BiFPNs with FR blocks,
-interlinked decoders, tissue head, paper losses, augmentation, warm-up + cosine SGD), only
-narrower, shallower and smaller: synthetic 64 px patches (a 40x field of view of 16 um) resized
-to a 128 input, so the outputs (input / 2) are at the label size as in the paper (512 -> 256).
-Sized for a 2-core CPU: the train step compiles in a few minutes; see README for the measured run.
+interlinked decoders, tissue head, augmentation), only narrower, shallower and smaller:
+synthetic 64 px patches (a 40x field of view of 16 um) resized to a 128 input, so the outputs
+(input / 2) are at the label size as in the paper (512 -> 256). Trained on fold 1, validated
+(and its post-processing tuned) on fold 2, tested on fold 3.
+
+Changed from the paper (configs/default.py), each from the ablations at equal CPU budget in
+docs/learning.md: ``small_data_recipe`` (AdamW 2e-3 instead of SGD 0.16, cross-entropy + 3 x BCE
+instead of the focal-Tversky combinations, the 'markers' post-processing), BatchNorm momentum
+0.9, and the scaled-down model of ``cpu_model``. Sized for a 2-core CPU; README has the measured
+run.
 
   python -m tsfd_jax demo --out runs/demo          # synth -> prepare -> train -> evaluate -> report
   python -m tsfd_jax train --config configs/demo.py --workdir runs/demo/train \
@@ -14,19 +20,8 @@ Sized for a 2-core CPU: the train step compiles in a few minutes; see README for
 from configs import default
 
 
-def get_config(arg: str | None = None):
-    c = default.get_config()
-    c.seed = 0
-    d = c.data
-    d.source = "pannuke"
-    d.root = ""                      # set by the demo command or --config.data.root
-    d.train_split, d.val_split, d.test_split = "fold1+fold2", "fold3", "fold3"
-    d.image_size = 64
-    d.global_batch_size = 8
-    d.eval_batch_size = 16
-    d.num_workers = 0                # grain workers cost seconds to start; the data is tiny
-    c.input.size = 128
-
+def cpu_model(c) -> None:
+    """The compound-scaled-down TSFD-Net of the CPU configs (0.36 M parameters)."""
     m = c.model
     m.width_mult = 0.25              # EfficientNet channels / 4
     m.depth_mult = 0.3               # one block per stage
@@ -35,19 +30,50 @@ def get_config(arg: str | None = None):
     m.num_bifpn = 2
     m.gating_dropout = 0.1
     m.node_dropout = 0.1
-    m.bn_momentum = 0.9              # 300 steps: 0.99 leaves the running statistics far behind
+    m.bn_momentum = 0.9              # short runs: 0.99 leaves the running statistics far behind
 
-    c.optim.lr = 0.05
-    c.optim.warmup_steps = 30
-    c.total_steps = 300
-    c.log_every_steps = 25
-    c.eval_every_steps = 300
-    c.checkpoint_every_steps = 100
+
+def small_data_recipe(c, min_size: int) -> None:
+    """What the ablations at equal CPU budget showed to learn faster than the paper's recipe at
+    this scale (docs/learning.md): AdamW instead of SGD, cross-entropy + 3 x BCE instead of the
+    focal-Tversky combinations, and the 'markers' post-processing (tuned on validation by the
+    demo and by ``evaluate --tune``). configs/default.py keeps the paper's settings."""
+    c.optim.name = "adamw"
+    c.optim.lr = 2e-3
+    c.optim.weight_decay = 1e-4
+    c.optim.warmup_steps = 20
+    c.loss.seg = "ce"
+    c.loss.boundary = "bce"
+    c.loss.w_boundary = 3.0
+    c.postprocess.method = "markers"
+    c.postprocess.min_size = min_size
+
+
+def get_config(arg: str | None = None):
+    c = default.get_config()
+    c.seed = 0
+    d = c.data
+    d.source = "pannuke"
+    d.root = ""                      # set by the demo command or --config.data.root
+    # Validation (and post-processing tuning) on a fold that is not the test fold.
+    d.train_split, d.val_split, d.test_split = "fold1", "fold2", "fold3"
+    d.image_size = 64
+    d.global_batch_size = 8
+    d.eval_batch_size = 16
+    d.num_workers = 0                # grain workers cost seconds to start; the data is tiny
+    c.input.size = 128
+
+    cpu_model(c)
+    small_data_recipe(c, min_size=16)
+    c.total_steps = 1000
+    c.log_every_steps = 50
+    c.eval_every_steps = 1000
+    c.checkpoint_every_steps = 500
     c.eval_max_images = 64
     c.keep_checkpoints = 1
 
     # Synthetic data of the demo (written by the demo command).
-    c.data.synth_images_per_fold = 240
+    c.data.synth_images_per_fold = 400
     if arg:
         raise ValueError(f"configs/demo.py takes no variant, got {arg!r}")
     return c
