@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tsfd_jax.configs_cli import (_import_config_module, load_config,  # noqa: E402
+from tsfd_jax.configs_cli import (import_config_module, load_config,  # noqa: E402
                                   split_overrides)
 from tsfd_jax.errors import UserError  # noqa: E402
 
@@ -87,7 +87,7 @@ def load_sweep(spec: str) -> list[dict]:
     path, _, name = spec.partition(":")
     if not Path(path).is_file():
         raise UserError(f"{path}: sweep file not found")
-    module = _import_config_module(path)
+    module = import_config_module(path)
     candidates = [f"sweep_{name}", name] if name else ["sweep"]
     fn = next((getattr(module, c) for c in candidates if callable(getattr(module, c, None))), None)
     if fn is None:

@@ -114,7 +114,7 @@ def apply_override(cfg, key: str, raw: str) -> None:
             node = node[name]
 
 
-def _import_config_module(path: str):
+def import_config_module(path: str):
     folder = os.path.dirname(os.path.abspath(path))
     # Config files import siblings as a package ("from configs import default"): make the
     # folder holding that package importable, as running from the project root does.
@@ -145,7 +145,7 @@ def load_config(spec: str, overrides: list[str] | list[tuple[str, str]] = ()):
         raise UserError(f"{path}: a config must be a Python file (configs/NAME.py[:variant])")
     if not os.path.isfile(path):
         raise UserError(f"{path}: config file not found")
-    module = _import_config_module(path)
+    module = import_config_module(path)
     if not hasattr(module, "get_config"):
         raise UserError(f"{path}: defines no get_config()")
     try:
