@@ -127,6 +127,73 @@ def bench_step(cfg, batch: int, label_size: int, warmup: int, iters: int) -> dic
             "last_loss": loss}
 
 
+def breakdown(cfg, iters: int = 10) -> list[tuple[str, float]]:
+    """Milliseconds per step of each part of the train step, each jitted and timed alone:
+    augmentation + stain channels + targets, model forward, forward + backward, losses (value and
+    gradient w.r.t. the logits), optimiser update; and the whole step."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from tsfd_jax.data.pipeline import to_global
+    from tsfd_jax import parallel
+    from tsfd_jax.losses import tsfd_loss
+    from tsfd_jax.models.tsfd import build_model
+    from tsfd_jax.ops.preprocess import make_preprocess_fn
+    from tsfd_jax.train import create_state, make_optimizer, make_train_step, resize_to_labels
+
+    batch = int(cfg.data.global_batch_size)
+    host = synthetic_batch(batch, int(cfg.data.image_size), max(len(cfg.data.tissue_names), 2))
+    data = to_global(host, parallel.make_mesh(("data",)))
+    model, tx = build_model(cfg), make_optimizer(cfg)
+    key = jax.random.key(0)
+    state = jax.jit(lambda k: create_state(cfg, model, tx, k))(key)
+    preprocess = make_preprocess_fn(cfg)
+    inputs, targets = jax.jit(lambda b, k: preprocess(b, k, True))(data, key)
+
+    def forward(params, x):
+        out, _ = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
+                             rngs={"dropout": key}, mutable=["batch_stats"])
+        return out
+
+    def total(params, x):
+        return sum(jnp.sum(v) for v in forward(params, x).values())
+
+    outputs = jax.jit(forward)(state.params, inputs)
+    outputs = resize_to_labels(outputs, targets["cls"].shape[1:3])
+
+    def loss(outs):
+        return tsfd_loss(outs, targets, cfg.loss)[0]
+
+    grads = jax.jit(jax.grad(total))(state.params, inputs)
+
+    def update(grads, opt_state, params):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    step = make_train_step(cfg, model, tx, preprocess)
+    parts = [("augmentation, stain channels, targets", lambda b, k: preprocess(b, k, True),
+              (data, key)),
+             ("model forward", forward, (state.params, inputs)),
+             ("model forward + backward", jax.grad(total), (state.params, inputs)),
+             ("losses, value + gradient", jax.value_and_grad(loss), (outputs,)),
+             ("optimiser update", update, (grads, state.opt_state, state.params)),
+             ("whole train step", step, (state, data))]
+    rows = []
+    for name, fn, args in parts:
+        compiled = jax.jit(fn).lower(*args).compile()
+        jax.block_until_ready(compiled(*args))
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = compiled(*args)
+        jax.block_until_ready(out)
+        rows.append((name, 1e3 * (time.perf_counter() - t0) / iters))
+        print(f"{name:<40} {rows[-1][1]:8.1f} ms", flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=2, help="global batch of the full model")
@@ -140,6 +207,8 @@ def main() -> None:
     p.add_argument("--no-tiny", action="store_true", help="no tiny-model row")
     p.add_argument("--config", action="append", default=[], metavar="FILE.py[:variant]",
                    help="add a row for this config at its own sizes and batch (repeatable)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="--config rows: also time each part of the step alone")
     p.add_argument("--compare", action="store_true",
                    help="--config rows once per depthwise implementation (conv, shift)")
     p.add_argument("--peak-tflops", type=float, default=0.0,
@@ -183,6 +252,8 @@ def main() -> None:
                 cfg.model.depthwise_impl = impl
             run(Path(spec.split(":")[0]).stem, cfg, cfg.input.size, cfg.data.image_size,
                 cfg.data.global_batch_size, args.tiny_iters)
+        if args.breakdown:
+            rows[-1]["breakdown_ms"] = dict(breakdown(load_config(spec), args.tiny_iters))
     if not args.no_tiny:
         run("tiny", tiny.shrink(default.get_config()), 64, 32, args.tiny_batch, args.tiny_iters)
     if not args.no_full:

@@ -169,7 +169,7 @@ def evaluate_source(cfg, variables: dict, source, *, mesh=None, max_images: int 
         for j, inst in enumerate(results):
             k = int(host["index"][j])
             pred_masks[k] = to_pannuke_layout(inst.inst, inst.classes, num_classes)
-            true_masks[k] = _truth_layout(host["inst"][j], host["cls"][j], num_classes)
+            true_masks[k] = truth_layout(host["inst"][j], host["cls"][j], num_classes)
             if protocol == "tsfd":
                 # Ground truth rebuilt the authors' way (docs/evaluation.md), for comparison only.
                 gt = rebuild_tsfd_ground_truth(
@@ -233,7 +233,7 @@ def evaluate_source(cfg, variables: dict, source, *, mesh=None, max_images: int 
     return report
 
 
-def _truth_layout(inst: np.ndarray, cls: np.ndarray, num_classes: int) -> np.ndarray:
+def truth_layout(inst: np.ndarray, cls: np.ndarray, num_classes: int) -> np.ndarray:
     """Prepared ground truth (inst, cls) -> PanNuke layout; class of an instance = its label."""
     from tsfd_jax.postprocess import to_pannuke_layout
 
