@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pq": ("tsfd_jax.commands.pq", "PanNuke PQ of two PanNuke-layout folders (no model)"),
     "predict": ("tsfd_jax.commands.predict", "any-size H&E images -> instances, tables, GeoJSON"),
 }
-# Commands that compile the model: they take --compilation-cache (docs/speed.md).
+# Commands that compile the model: they take --compilation-cache (compilation_cache.py).
 COMPILING = ("demo", "train", "evaluate", "predict")
 
 

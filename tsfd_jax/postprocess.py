@@ -278,12 +278,18 @@ def separate_instances(sem: np.ndarray, boundary: np.ndarray, params: Postproces
         probs = np.zeros((K, C + 1), np.float32)
         probs[np.arange(K), classes[1:]] = 1.0
     else:
-        fg = inst > 0
-        p = np.asarray(seg_prob, np.float64)[fg]                    # (pixels, C + 1)
-        key = ((inst[fg] - 1)[:, None] * (C + 1) + np.arange(C + 1)).ravel()
-        sums = np.bincount(key, weights=p.ravel(), minlength=K * (C + 1)).reshape(K, C + 1)
-        probs = (sums / np.maximum(area, 1)[:, None]).astype(np.float32)
+        probs = mean_probs(inst, seg_prob, K, area)
     return Instances(inst=inst, classes=classes[1:].copy(), class_probs=probs)
+
+
+def mean_probs(inst: np.ndarray, seg_prob: np.ndarray, K: int, area: np.ndarray) -> np.ndarray:
+    """(K, C + 1) float32 mean softmax over each instance's pixels (ids 1..K, ``area`` (K,))."""
+    C1 = seg_prob.shape[-1]
+    fg = inst > 0
+    p = np.asarray(seg_prob, np.float64)[fg]                        # (pixels, C + 1)
+    key = ((inst[fg] - 1)[:, None] * C1 + np.arange(C1)).ravel()
+    sums = np.bincount(key, weights=p.ravel(), minlength=K * C1).reshape(K, C1)
+    return (sums / np.maximum(area, 1)[:, None]).astype(np.float32)
 
 
 def postprocess(seg_prob: np.ndarray, boundary_prob: np.ndarray, cfg_pp: Any = None) -> Instances:
@@ -325,7 +331,6 @@ def marker_instances(seg_prob: np.ndarray, boundary_prob: np.ndarray,
     from skimage.segmentation import watershed  # only here: keeps worker start-up light
 
     p = np.asarray(seg_prob, np.float32)
-    C = p.shape[-1] - 1
     fg = (1.0 - p[..., 0]) > params.seg_threshold
     core = fg & ~(np.asarray(boundary_prob) > params.boundary_threshold)
     markers, n = ndi.label(core, structure=_EIGHT)
@@ -342,11 +347,7 @@ def marker_instances(seg_prob: np.ndarray, boundary_prob: np.ndarray,
     relabel[ids] = np.arange(1, len(ids) + 1)
     inst = relabel[inst]
     K = len(ids)
-    fgp = inst > 0
-    key = ((inst[fgp] - 1)[:, None] * (C + 1) + np.arange(C + 1)).ravel()
-    sums = np.bincount(key, weights=p[fgp].astype(np.float64).ravel(),
-                       minlength=K * (C + 1)).reshape(K, C + 1)
-    probs = (sums / np.maximum(area[ids], 1)[:, None]).astype(np.float32)
+    probs = mean_probs(inst, p, K, area[ids])
     classes = (np.argmax(probs[:, 1:], axis=1) + 1).astype(np.int32) if K else np.zeros(0, np.int32)
     return Instances(inst=inst, classes=classes, class_probs=probs)
 
