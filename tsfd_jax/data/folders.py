@@ -1,10 +1,16 @@
 """Image + label folders (CoNSeP-style) -> prepared examples.
 
-A folder holds ``<stem>.png|jpg|jpeg|tif|tiff`` images, each with a ``<stem>.npz`` holding
-``inst`` (H, W) instance ids of any integer dtype (0 = background) and optionally ``type``
-(H, W) class labels (0 = background, 1..C). Class names for labels 1..C come from a
-``classes.txt`` in the folder (one name a line) or are given explicitly; without ``type`` every
-nucleus is class 1 of the single class "Nucleus".
+Two layouts, told apart by the folder's contents:
+
+- npz: the folder holds ``<stem>.png|jpg|jpeg|tif|tiff`` images, each with a ``<stem>.npz``
+  holding ``inst`` (H, W) instance ids of any integer dtype (0 = background) and optionally
+  ``type`` (H, W) class labels (0 = background, 1..C);
+- mat (the original CoNSeP / HoVer-Net download): the folder holds ``Images/<stem>.png`` and
+  ``Labels/<stem>.mat`` with ``inst_map`` and optionally ``type_map``, same meanings.
+
+Class names for labels 1..C come from a ``classes.txt`` in the folder (one name a line), are
+given explicitly, or are those of a class merge (``MERGES``, e.g. HoVer-Net's 7 -> 4 for
+CoNSeP); without ``type`` every nucleus is class 1 of the single class "Nucleus".
 
 Prepared contract (docs/data.md): ``image`` uint8 RGB, ``inst`` int32 contiguous 1..K (original id
 order), ``cls`` uint8 = the majority ``type`` over the instance's labelled pixels (ties: the
@@ -15,11 +21,13 @@ any labelled pixel is dropped (it has no class to learn); every such repair is c
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.io
 import skimage.segmentation
 from PIL import Image
 
@@ -31,6 +39,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 CLASSES_FILE = "classes.txt"
 NO_TYPE_CLASS = "Nucleus"
 DEFAULT_GROUP_PATTERN = r"_\d+$"  # consep 'train_10_003' -> source image 'train_10'
+MAT_IMAGES_DIR, MAT_LABELS_DIR = "Images", "Labels"  # subfolders of the CoNSeP/HoVer-Net layout
 
 FOLDER_RESOLUTION_KEYS: tuple[str, ...] = (
     "relabelled_images",       # images whose instance ids were not already 1..K
@@ -134,63 +143,191 @@ def split_by_group(stems: Sequence[str], val_fraction: float, seed: int,
     return train, val
 
 
-class FolderDataset:
-    """One folder of images + npz labels; ``example(i)`` validates and converts example i."""
+# ---------------------------------------------------------------------------------------------
+# Class merges: input class ids -> fewer output classes
+@dataclass(frozen=True)
+class ClassMerge:
+    """Input class ids 1..len(source_names) -> output ids 1..len(names), by ``table``."""
 
-    def __init__(self, root: str | Path, class_names: Sequence[str] | None = None):
+    source_names: tuple[str, ...]
+    names: tuple[str, ...]
+    table: dict[int, int]
+
+    def __post_init__(self) -> None:
+        n_in, n_out = len(self.source_names), len(self.names)
+        if sorted(self.table) != list(range(1, n_in + 1)) or not set(
+                self.table.values()) <= set(range(1, n_out + 1)):
+            raise ValueError(f"merge table {self.table} must map every id 1..{n_in} to an id "
+                             f"in 1..{n_out}")
+
+    def lookup(self) -> np.ndarray:
+        """Lookup array: ``lookup()[type]`` is the merged type (background stays 0)."""
+        lut = np.zeros(len(self.source_names) + 1, np.int64)
+        for k, v in self.table.items():
+            lut[k] = v
+        return lut
+
+
+CONSEP_CLASSES = ("other", "inflammatory", "healthy epithelial",
+                  "dysplastic/malignant epithelial", "fibroblast", "muscle", "endothelial")
+# The names are those of the merged CoNSeP tiles' classes.txt, so a model prepared from the tiles
+# and one prepared from the .mat files share class names.
+MERGES: dict[str, ClassMerge] = {
+    "consep": ClassMerge(  # HoVer-Net's merge (its dataset.py): 3, 4 -> 3; 5, 6, 7 -> 4
+        source_names=CONSEP_CLASSES,
+        names=("other", "inflammatory", "epithelial", "spindle-shaped"),
+        table={1: 1, 2: 2, 3: 3, 4: 3, 5: 4, 6: 4, 7: 4}),
+}
+
+
+def class_merge(name: str) -> ClassMerge:
+    try:
+        return MERGES[name]
+    except KeyError:
+        raise UserError(f"--merge {name!r}: expected one of {', '.join(sorted(MERGES))}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Label file formats: each reads its arrays; FolderDataset validates them all alike
+def _npz_keys(path: Path) -> list[str]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return list(z.files)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable .npz file ({e})") from None
+
+
+def _read_npz(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {n: np.asarray(z[n]) for n in names if n in z.files}
+    except Exception as e:
+        raise UserError(f"{path}: not a readable .npz file ({e})") from None
+
+
+def _mat_error(path: Path, e: Exception) -> UserError:
+    hint = " (MATLAB v7.3 files are HDF5: re-save them with save(..., '-v7'))" \
+        if isinstance(e, NotImplementedError) else ""
+    return UserError(f"{path}: not a readable .mat file ({e}){hint}")
+
+
+def _mat_keys(path: Path) -> list[str]:
+    try:
+        return [name for name, _, _ in scipy.io.whosmat(path)]  # header only, no arrays read
+    except Exception as e:  # scipy raises many types for broken files
+        raise _mat_error(path, e) from None
+
+
+def _read_mat(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The named arrays; MATLAB's default class is double, so whole-number float maps become
+    int64 (anything else is left for the integer check)."""
+    try:
+        found = scipy.io.loadmat(path, variable_names=list(names))
+    except Exception as e:
+        raise _mat_error(path, e) from None
+    arrays = {}
+    for n in names:
+        if n not in found:
+            continue
+        a = np.asarray(found[n])
+        if a.dtype.kind == "f" and np.isfinite(a).all() and (a == np.round(a)).all():
+            a = a.astype(np.int64)
+        arrays[n] = a
+    return arrays
+
+
+@dataclass(frozen=True)
+class LabelFormat:
+    """A label file format: its extension, the names of its two arrays, and its readers."""
+
+    ext: str
+    inst_key: str
+    type_key: str
+    keys: Callable[[Path], list[str]]  # the array names, cheaply
+    read: Callable[[Path, Sequence[str]], dict[str, np.ndarray]]  # those of the names it holds
+
+
+NPZ_FORMAT = LabelFormat(".npz", "inst", "type", _npz_keys, _read_npz)
+MAT_FORMAT = LabelFormat(".mat", "inst_map", "type_map", _mat_keys, _read_mat)
+
+
+# ---------------------------------------------------------------------------------------------
+class FolderDataset:
+    """One folder of images + labels (npz beside the images, or the CoNSeP / HoVer-Net
+    ``Images/`` + ``Labels/*.mat`` layout); ``example(i)`` validates and converts example i."""
+
+    def __init__(self, root: str | Path, class_names: Sequence[str] | None = None,
+                 merge: str | None = None):
         self.root = root = Path(root)
         if not root.is_dir():
             raise UserError(f"{root}: not a folder")
+        if (root / MAT_IMAGES_DIR).is_dir() and (root / MAT_LABELS_DIR).is_dir():
+            image_dir, label_dir = root / MAT_IMAGES_DIR, root / MAT_LABELS_DIR
+            self.label_format = fmt = MAT_FORMAT
+        else:
+            image_dir = label_dir = root
+            self.label_format = fmt = NPZ_FORMAT
         images: dict[str, Path] = {}
         labels: dict[str, Path] = {}
-        for p in sorted(root.iterdir()):
-            ext = p.suffix.lower()
-            if not p.is_file():
-                continue
-            if ext in IMAGE_EXTS:
+        for p in sorted(image_dir.iterdir()):
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
                 if p.stem in images:
                     raise UserError(f"{p}: a second image for stem {p.stem!r} "
                                     f"({images[p.stem].name})")
                 images[p.stem] = p
-            elif ext == ".npz":
+        for p in sorted(label_dir.iterdir()):
+            if p.is_file() and p.suffix.lower() == fmt.ext:
                 labels[p.stem] = p
+        same_dir = image_dir == label_dir
         for stem, p in images.items():
             if stem not in labels:
-                raise UserError(f"{p}: no label file {stem}.npz beside it")
+                raise UserError(f"{p}: no label file {stem}{fmt.ext} "
+                                + ("beside it" if same_dir else f"in {label_dir}"))
         for stem, p in labels.items():
             if stem not in images:
-                raise UserError(f"{p}: no image {stem}.png|jpg|jpeg|tif beside it")
+                raise UserError(f"{p}: no image {stem}.png|jpg|jpeg|tif "
+                                + ("beside it" if same_dir else f"in {image_dir}"))
         if not images:
-            raise UserError(f"{root}: no images ({', '.join(IMAGE_EXTS)}) with .npz labels")
+            raise UserError(f"{image_dir}: no images ({', '.join(IMAGE_EXTS)}) with {fmt.ext} "
+                            "labels")
         self.stems: tuple[str, ...] = tuple(sorted(images))
         self.image_paths = images
         self.label_paths = labels
-        has_type = {s: "type" in self._npz_keys(labels[s]) for s in self.stems}
-        if class_names is None and (root / CLASSES_FILE).is_file():
-            class_names = read_classes(root / CLASSES_FILE)
+        self.merge_name = merge
+        self.merge: ClassMerge | None = class_merge(merge) if merge else None
+        has_type = {s: fmt.type_key in fmt.keys(labels[s]) for s in self.stems}
+        classes_file = root / CLASSES_FILE
+        if self.merge is not None:
+            if class_names is not None:
+                raise UserError(f"--classes and --merge {merge} both name the classes; give one")
+            if classes_file.is_file():
+                # classes.txt names the input ids: a count other than the merge's means the
+                # labels are not what the merge expects (e.g. tiles that are merged already).
+                n = len(read_classes(classes_file))
+                if n != len(self.merge.source_names):
+                    raise UserError(f"{classes_file}: names {n} classes but --merge {merge} "
+                                    f"expects input ids 1..{len(self.merge.source_names)} "
+                                    f"({', '.join(self.merge.source_names)})")
+            class_names = self.merge.names
+        elif class_names is None and classes_file.is_file():
+            class_names = read_classes(classes_file)
         if class_names is None:
             typed = [s for s, t in has_type.items() if t]
             if typed:
-                raise UserError(f"{labels[typed[0]]}: holds 'type' but {root} has no {CLASSES_FILE}"
-                                " (name the classes: --classes a,b,c)")
+                raise UserError(f"{labels[typed[0]]}: holds '{fmt.type_key}' but {root} has no "
+                                f"{CLASSES_FILE} (name the classes: --classes a,b,c"
+                                + (", or --merge consep for CoNSeP's 7 classes)"
+                                   if fmt is MAT_FORMAT else ")"))
             self.class_names: tuple[str, ...] = (NO_TYPE_CLASS,)
             self.typed = False
         else:
             self.class_names = tuple(class_names)
             untyped = [s for s, t in has_type.items() if not t]
             if untyped:
-                raise UserError(f"{labels[untyped[0]]}: no 'type' array, but classes "
+                raise UserError(f"{labels[untyped[0]]}: no '{fmt.type_key}' array, but classes "
                                 f"{', '.join(self.class_names)} are given")
             self.typed = True
         self.label_names: tuple[str, ...] = (BACKGROUND,) + self.class_names
-
-    @staticmethod
-    def _npz_keys(path: Path) -> list[str]:
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                return list(z.files)
-        except Exception as e:
-            raise UserError(f"{path}: not a readable .npz file ({e})") from None
 
     def __len__(self) -> int:
         return len(self.stems)
@@ -199,18 +336,17 @@ class FolderDataset:
         return image_shape(self.image_paths[self.stems[i]])
 
     def _labels(self, stem: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
-        path = self.label_paths[stem]
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if "inst" not in z.files:
-                    raise UserError(f"{path}: no 'inst' array (has {', '.join(z.files) or 'none'})")
-                inst = np.asarray(z["inst"])
-                typ = np.asarray(z["type"]) if self.typed else None
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"{path}: not a readable .npz file ({e})") from None
-        for name, a in (("inst", inst), ("type", typ)):
+        """Validated (inst, type or None) of ``stem``, type already merged; same checks for
+        every label format."""
+        path, fmt = self.label_paths[stem], self.label_format
+        wanted = (fmt.inst_key, fmt.type_key) if self.typed else (fmt.inst_key,)
+        arrays = fmt.read(path, wanted)
+        for key in wanted:
+            if key not in arrays:
+                raise UserError(f"{path}: no '{key}' array "
+                                f"(has {', '.join(fmt.keys(path)) or 'none'})")
+        inst, typ = arrays[fmt.inst_key], arrays.get(fmt.type_key)
+        for name, a in ((fmt.inst_key, inst), (fmt.type_key, typ)):
             if a is None:
                 continue
             if a.dtype.kind not in "iu":
@@ -219,9 +355,15 @@ class FolderDataset:
                 raise UserError(f"{path}: '{name}' has shape {a.shape} but the image is {shape}")
             if a.size and int(a.min()) < 0:
                 raise UserError(f"{path}: '{name}' has negative values")
-        if typ is not None and typ.size and int(typ.max()) > len(self.class_names):
-            raise UserError(f"{path}: class label {int(typ.max())} beyond the "
-                            f"{len(self.class_names)} classes ({', '.join(self.class_names)})")
+        if typ is not None:
+            # With a merge the ids are the merge's input classes, checked before merging.
+            known = self.merge.source_names if self.merge else self.class_names
+            if typ.size and int(typ.max()) > len(known):
+                what = f"--merge {self.merge_name}'s input" if self.merge else "the"
+                raise UserError(f"{path}: class label {int(typ.max())} beyond {what} "
+                                f"{len(known)} classes ({', '.join(known)})")
+            if self.merge:
+                typ = self.merge.lookup()[typ]
         return inst, typ
 
     def example_with_counts(self, i: int) -> tuple[dict[str, Any], dict[str, int]]:

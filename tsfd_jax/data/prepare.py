@@ -106,10 +106,12 @@ def plan_pannuke(root: str | Path, fold: int = 1) -> Plan:
 
 def plan_folders(inputs: Sequence[str | Path], split_names: Sequence[str] | None = None,
                  classes: Sequence[str] | None = None, val_fraction: float = 0.0, seed: int = 0,
-                 group_pattern: str = folders_lib.DEFAULT_GROUP_PATTERN) -> Plan:
+                 group_pattern: str = folders_lib.DEFAULT_GROUP_PATTERN,
+                 merge: str | None = None) -> Plan:
     """One split per input folder: named by ``split_names``, else 'train' for a single folder
     and the folder names for several. ``val_fraction`` > 0 moves whole source groups of the
-    'train' split into a 'val' split (folders.split_by_group)."""
+    'train' split into a 'val' split (folders.split_by_group). ``merge`` names a class merge
+    (folders.MERGES) applied to every folder's class labels."""
     inputs = [Path(p) for p in inputs]
     if not inputs:
         raise UserError("prepare: no --input folder")
@@ -125,7 +127,7 @@ def plan_folders(inputs: Sequence[str | Path], split_names: Sequence[str] | None
     for name in names:
         if not _SPLIT_NAME.match(name):
             raise UserError(f"split name {name!r}: use letters, digits and '_' (--split NAME)")
-    datasets = [folders_lib.FolderDataset(p, classes) for p in inputs]
+    datasets = [folders_lib.FolderDataset(p, classes, merge) for p in inputs]
     for d in datasets[1:]:
         if d.class_names != datasets[0].class_names:
             raise UserError(f"{d.root}: classes {list(d.class_names)} differ from "
@@ -156,6 +158,8 @@ def plan_folders(inputs: Sequence[str | Path], split_names: Sequence[str] | None
     options = {"splits": names, "classes": list(datasets[0].class_names),
                "val_fraction": val_fraction, "seed": seed if val_fraction else None,
                "group_pattern": group_pattern if val_fraction else None}
+    if merge:  # only when set: folders prepared before --merge existed keep their fingerprint
+        options["merge"] = merge
     return Plan(source="folders", inputs=inputs, options=options,
                 label_names=datasets[0].label_names, tissue_names=(),
                 image_shape=shapes.pop() if len(shapes) == 1 else None, splits=splits, files=files)
@@ -340,7 +344,8 @@ def _existing_state(out: Path, fingerprint: str, overwrite: bool,
 def prepare(source: str, inputs: str | Path | Sequence[str | Path], out: str | Path, *,
             fold: int = 1, classes: Sequence[str] | None = None,
             splits: Sequence[str] | None = None, val_fraction: float = 0.0, seed: int = 0,
-            group_pattern: str = folders_lib.DEFAULT_GROUP_PATTERN, overwrite: bool = False,
+            group_pattern: str = folders_lib.DEFAULT_GROUP_PATTERN, merge: str | None = None,
+            overwrite: bool = False,
             progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Prepare ``source`` ('pannuke' | 'folders') from ``inputs`` into ``out``; returns the
     metadata. A finished folder with the same input is left untouched ("already prepared")."""
@@ -351,12 +356,12 @@ def prepare(source: str, inputs: str | Path | Sequence[str | Path], out: str | P
         if len(inputs) != 1:
             raise UserError("prepare --source pannuke takes one --input (the folder holding the "
                             "'Fold N' folders, or one fold's .npy files)")
-        if splits or val_fraction or classes:
-            raise UserError("--split, --val-fraction and --classes apply to --source folders; "
-                            "PanNuke splits are its folds")
+        if splits or val_fraction or classes or merge:
+            raise UserError("--split, --val-fraction, --classes and --merge apply to --source "
+                            "folders; PanNuke splits are its folds")
         plan = plan_pannuke(inputs[0], fold)
     elif source == "folders":
-        plan = plan_folders(inputs, splits, classes, val_fraction, seed, group_pattern)
+        plan = plan_folders(inputs, splits, classes, val_fraction, seed, group_pattern, merge)
     else:
         raise UserError(f"--source {source!r}: expected pannuke or folders")
     out = Path(out)
