@@ -125,16 +125,27 @@ def _signed_area(ring: np.ndarray) -> float:
     return 0.5 * float(np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]))
 
 
-def mask_geometry(mask: np.ndarray, x0: int = 0, y0: int = 0) -> dict:
+def mask_geometry(mask: np.ndarray, x0: int = 0, y0: int = 0, *,
+                  scale: tuple[float, float] | None = None,
+                  origin: tuple[float, float] = (0.0, 0.0), decimals: int = 3) -> dict:
     """GeoJSON geometry (Polygon or MultiPolygon) covering the True pixels of ``mask`` exactly;
-    (x0, y0) is the image position of mask[0, 0]."""
+    (x0, y0) is the image position of mask[0, 0].
+
+    With ``scale`` = (sx, sy), every vertex (x, y) becomes origin + (x sx, y sy), rounded to
+    ``decimals``: the polygon in another pixel frame (a slide's level 0 when the nuclei were
+    found on a resampled grid). A positive axis-aligned scale keeps the rings valid.
+    """
     lab, n = ndi.label(mask, structure=_FOUR)
     offset = np.array([x0, y0])
     polygons = []
     for sl_index, sl in enumerate(ndi.find_objects(lab), start=1):
         rings = _trace_component(lab[sl] == sl_index)
         shift = offset + np.array([sl[1].start, sl[0].start])
-        polygons.append([(ring + shift).tolist() for ring in rings])
+        if scale is None:
+            polygons.append([(ring + shift).tolist() for ring in rings])
+        else:
+            polygons.append([np.round(np.asarray(origin) + (ring + shift) * np.asarray(scale),
+                                      decimals).tolist() for ring in rings])
     if len(polygons) == 1:
         return {"type": "Polygon", "coordinates": polygons[0]}
     return {"type": "MultiPolygon", "coordinates": polygons}
@@ -146,18 +157,36 @@ def table_header(label_names: Iterable[str]) -> list[str]:
     return list(TABLE_COLUMNS) + [f"prob_{n}" for n in label_names] + ["tissue", "tissue_prob"]
 
 
+def _label_name(names: tuple[str, ...], label: int) -> str:
+    return names[label] if label < len(names) else str(label)
+
+
+def tissue_of(tissue_names: tuple[str, ...], index: int,
+              prob: float) -> tuple[str, float] | None:
+    """(name, probability) of a tissue index, None for -1 (a model without tissue head)."""
+    if index < 0:
+        return None
+    return (tissue_names[index] if index < len(tissue_names) else str(index)), float(prob)
+
+
+def table_row(nucleus_id: int, x: float, y: float, area: int | float, bbox: Iterable[int],
+              label: int, probs: np.ndarray, label_names: tuple[str, ...],
+              tissue: tuple[str, float] | None) -> list:
+    """One row of the nucleus table (columns of ``table_header``). A float ``area`` (a slide's
+    level-0 pixels measured on a resampled grid) is written with 2 decimals."""
+    area_text = int(area) if isinstance(area, (int, np.integer)) else f"{float(area):.2f}"
+    return ([nucleus_id, f"{x:.2f}", f"{y:.2f}", area_text, *map(int, bbox), label,
+             _label_name(label_names, label), f"{float(probs[label]):.4f}"]
+            + [f"{float(p):.4f}" for p in probs]
+            + (["", ""] if tissue is None else [tissue[0], f"{tissue[1]:.4f}"]))
+
+
 def table_rows(pred, label_names: Iterable[str]) -> Iterable[list]:
     names = tuple(label_names)
     for k in range(pred.num_instances):
-        label = int(pred.classes[k])
-        t = int(pred.tissue[k])
-        tissue = "" if t < 0 else (pred.tissue_names[t] if t < len(pred.tissue_names) else str(t))
-        tissue_prob = "" if t < 0 else f"{float(pred.tissue_prob[k]):.4f}"
-        probs = pred.class_probs[k]
-        yield ([k + 1, f"{pred.centroid[k, 0]:.2f}", f"{pred.centroid[k, 1]:.2f}",
-                int(pred.area[k]), *map(int, pred.bbox[k]), label,
-                names[label] if label < len(names) else str(label), f"{float(probs[label]):.4f}"]
-               + [f"{float(p):.4f}" for p in probs] + [tissue, tissue_prob])
+        tissue = tissue_of(pred.tissue_names, int(pred.tissue[k]), pred.tissue_prob[k])
+        yield table_row(k + 1, pred.centroid[k, 0], pred.centroid[k, 1], int(pred.area[k]),
+                        pred.bbox[k], int(pred.classes[k]), pred.class_probs[k], names, tissue)
 
 
 def _write_csv(f, pred, label_names) -> None:
@@ -169,33 +198,51 @@ def _write_csv(f, pred, label_names) -> None:
 
 # ---- GeoJSON -------------------------------------------------------------------------------
 
+# A FeatureCollection streamed one feature at a time: HEAD, then feature_text(f, first) for
+# every feature, then TAIL (files of any size, and a slide's file can be appended row by row).
+GEOJSON_HEAD = '{"type": "FeatureCollection", "features": ['
+GEOJSON_TAIL = "\n]}\n"
+
+
+def feature_text(feature: dict, first: bool) -> str:
+    return ("\n" if first else ",\n") + json.dumps(feature, separators=(",", ":"))
+
+
+def detection_feature(geometry: dict, label: int, probs: np.ndarray,
+                      label_names: tuple[str, ...], colors, head: dict,
+                      tissue: tuple[str, float] | None) -> dict:
+    """A QuPath detection: classification (name + colour), measurements (``head`` first, then
+    class_prob, prob_<label> for every label, tissue_prob) and the tissue name."""
+    measurements = dict(head)
+    measurements["class_prob"] = round(float(probs[label]), 4)
+    measurements.update({f"prob_{n}": round(float(p), 4) for n, p in zip(label_names, probs)})
+    props = {"objectType": "detection",
+             "classification": {"name": _label_name(label_names, label),
+                                "color": list(colors[label % len(colors)])},
+             "measurements": measurements}
+    if tissue is not None:
+        measurements["tissue_prob"] = round(tissue[1], 4)
+        props["tissue"] = tissue[0]
+    return {"type": "Feature", "geometry": geometry, "properties": props}
+
+
 def nucleus_feature(pred, k: int, label_names: tuple[str, ...], colors) -> dict:
     """The Feature of nucleus k + 1 (QuPath detection with classification and measurements)."""
     x0, y0, x1, y1 = (int(v) for v in pred.bbox[k])
     mask = np.asarray(pred.inst[y0:y1, x0:x1]) == k + 1
-    label = int(pred.classes[k])
-    probs = pred.class_probs[k]
-    measurements = {"id": k + 1, "area_px": int(pred.area[k]),
-                    "class_prob": round(float(probs[label]), 4)}
-    measurements.update({f"prob_{n}": round(float(p), 4) for n, p in zip(label_names, probs)})
-    name = label_names[label] if label < len(label_names) else str(label)
-    props = {"objectType": "detection",
-             "classification": {"name": name, "color": list(colors[label % len(colors)])},
-             "measurements": measurements}
-    t = int(pred.tissue[k])
-    if t >= 0:
-        measurements["tissue_prob"] = round(float(pred.tissue_prob[k]), 4)
-        props["tissue"] = pred.tissue_names[t] if t < len(pred.tissue_names) else str(t)
-    return {"type": "Feature", "geometry": mask_geometry(mask, x0, y0), "properties": props}
+    return detection_feature(mask_geometry(mask, x0, y0), int(pred.classes[k]),
+                             pred.class_probs[k], label_names, colors,
+                             {"id": k + 1, "area_px": int(pred.area[k])},
+                             tissue_of(pred.tissue_names, int(pred.tissue[k]),
+                                       pred.tissue_prob[k]))
 
 
 def _write_geojson(f, pred, label_names) -> None:
     colors = class_colors(label_names)
-    f.write('{"type": "FeatureCollection", "features": [')  # streamed: one feature at a time
+    f.write(GEOJSON_HEAD)
     for k in range(pred.num_instances):
-        f.write(("\n" if k == 0 else ",\n")
-                + json.dumps(nucleus_feature(pred, k, label_names, colors), separators=(",", ":")))
-    f.write("\n]}\n")
+        f.write(feature_text(nucleus_feature(pred, k, label_names, colors), k == 0))
+    f.write(GEOJSON_TAIL)
 
 
 # ---- pictures ------------------------------------------------------------------------------

@@ -196,15 +196,12 @@ class Stitcher:
         """Stitch one post-processed tile at (y0, x0): inst (t, t) ids 1..k, classes (k,),
         class_probs (k, C + 1), tissue_prob (T,); core (r0, r1, c0, c1) in image pixels (default
         the whole tile)."""
-        t_index = len(self.tile_fg)
         vh, vw = min(tile, self.H - y0), min(tile, self.W - x0)   # the rest is mirror padding
         inst = inst[:vh, :vw]
         core = core or (y0, y0 + vh, x0, x0 + vw)
         # Distances are measured to interior sides only: an image edge cuts nothing.
         interior = (y0 > 0, y0 + tile < self.H, x0 > 0, x0 + tile < self.W)
-        self.tile_fg.append(int(np.count_nonzero(inst)))
-        if tissue_prob is not None:
-            self.tile_tissue.append(np.asarray(tissue_prob, np.float32))
+        t_index = self._add_tile_stats(int(np.count_nonzero(inst)), tissue_prob)
         for k, sl in enumerate(ndi.find_objects(inst), start=1):
             if sl is None:
                 continue
@@ -239,16 +236,31 @@ class Stitcher:
         write = mask & (region == 0)
         if not write.any():
             return
-        new = len(self.area)
-        region[write] = new
         rows, cols = np.nonzero(write)
-        self.box.append((y + rows.min(), y + rows.max() + 1, x + cols.min(), x + cols.max() + 1))
-        self.area.append(int(write.sum()))
+        box = (y + rows.min(), y + rows.max() + 1, x + cols.min(), x + cols.max() + 1)
+        region[write] = self._new_nucleus(box, int(write.sum()), margin, cls, probs, t_index)
+
+    # Storage hooks: a subclass that streams finished nuclei out (slides.RowStitcher) keeps
+    # them in dicts it can prune; the rule above never depends on how they are stored.
+
+    def _add_tile_stats(self, foreground: int, tissue_prob: np.ndarray | None) -> int:
+        """Record a tile's nucleus pixels and tissue probabilities; returns its index."""
+        self.tile_fg.append(foreground)
+        if tissue_prob is not None:
+            self.tile_tissue.append(np.asarray(tissue_prob, np.float32))
+        return len(self.tile_fg) - 1
+
+    def _new_nucleus(self, box: tuple[int, int, int, int], area: int, margin: int, cls: int,
+                     probs: np.ndarray, t_index: int) -> int:
+        """Store a pasted nucleus; returns its id (> 0)."""
+        self.box.append(box)
+        self.area.append(area)
         self.margin.append(margin)
         self.cls.append(cls)
         self.probs.append(probs)
         self.tile_of.append(t_index)
         self.alive.append(True)
+        return len(self.area) - 1
 
     def _remove(self, e: int) -> None:
         r0, r1, c0, c1 = self.box[e]
