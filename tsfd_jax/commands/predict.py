@@ -1,31 +1,53 @@
-"""``python -m tsfd_jax predict --workdir W --input FILE_OR_DIR --out DIR``: nuclei of any image.
+"""``python -m tsfd_jax predict --workdir W --input FILE_OR_DIR_OR_LIST --out DIR``: nuclei of
+any image or whole slide.
 
-For every image (a file, or the .png/.jpg/.jpeg/.tif/.tiff files of a folder) writes
-``<stem>_instances.npy|tif``, ``<stem>_classes.png|tif``, ``<stem>_nuclei.csv``,
-``<stem>_nuclei.geojson`` (QuPath), ``<stem>_overlay.png`` and, for 256 x 256 images,
-``<stem>_pannuke.npy``; prints one line per image. Every input and every output target is
-checked before the model loads, so a bad file or an existing output stops the run with one line
-and nothing written (docs/predict.md).
+``--input`` is a file, a folder (its images and slides, not recursive) or a ``.txt`` list (one
+path a line). For every image writes ``<stem>_instances.npy|tif``, ``<stem>_classes.png|tif``,
+``<stem>_nuclei.csv``, ``<stem>_nuclei.geojson`` (QuPath), ``<stem>_overlay.png`` and, for
+256 x 256 images, ``<stem>_pannuke.npy``. Whole slides (SVS, NDPI, MRXS, SCN, pyramidal TIFF, ...;
+``slides.is_slide``) go through ``slides.predict_slide``: tissue only, row by row in constant
+memory, resumable, with ``<stem>_nuclei.geojson``, ``<stem>_nuclei.csv``, ``<stem>_summary.json``,
+``<stem>_overlay.png`` and ``<stem>_tissue.png``. One line per input is printed. Every input and
+every output target is checked before the model loads, so a bad file or an existing output stops
+the run with one line and nothing written (docs/predict.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import tempfile
 import time
 from pathlib import Path
+
+LIST_EXTENSIONS = (".txt",)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", required=True,
                    help="a training workdir (config.json + checkpoints/)")
     p.add_argument("--checkpoint", default="best", help="best | last | a step number")
-    p.add_argument("--input", required=True, help="an image, or a folder of images")
+    p.add_argument("--input", required=True,
+                   help="an image or slide, a folder of them, or a .txt list (one path a line)")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--mpp", type=float, default=None,
-                   help="micrometres per pixel of the input; resampled to the model's when they "
-                        "differ by more than 10%% (default: already at the model's resolution)")
+                   help="images: their micrometres per pixel, resampled to the model's when they "
+                        "differ by more than 10%% (default: already at the model's resolution); "
+                        "slides: the resolution to analyse at (default: the model's)")
+    p.add_argument("--slide-mpp", type=float, default=None,
+                   help="slides: micrometres per pixel at level 0 (overrides the metadata; "
+                        "required for a slide without one)")
+    p.add_argument("--region", default=None, metavar="X,Y,W,H",
+                   help="slides: analyse only this rectangle, in level-0 pixels")
+    p.add_argument("--tissue-mask", default=None, metavar="PNG",
+                   help="slides: a picture of the slide (any size, same aspect ratio; non-zero "
+                        "= tissue) used instead of tissue detection (one slide only)")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="process only inputs K, K + N, K + 2N, ... of the sorted list "
+                        "(0 <= K < N), e.g. K = $SLURM_ARRAY_TASK_ID")
+    p.add_argument("--distributed", action="store_true",
+                   help="start jax.distributed; every process takes its own share of the inputs")
     p.add_argument("--tile", type=int, default=None,
                    help="tile side in model pixels (default: the training label size)")
     p.add_argument("--overlap", type=int, default=None,
@@ -87,28 +109,94 @@ def _check_args(args) -> None:
         raise UserError(f"--workers {args.workers}: must not be negative")
 
 
+def list_inputs(path: str | Path) -> list[Path]:
+    """A file -> [file]; a .txt list -> its paths (relative ones from the list's folder; blank
+    lines and # comments skipped); a folder -> its images and slides (sorted, not recursive)."""
+    from tsfd_jax.errors import UserError
+    from tsfd_jax.image_io import IMAGE_EXTENSIONS
+    from tsfd_jax.slides import SLIDE_EXTENSIONS
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    if path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        files = [(path.parent / ln) if not Path(ln).is_absolute() else Path(ln)
+                 for ln in lines if ln and not ln.startswith("#")]
+        if not files:
+            raise UserError(f"{path}: the list names no files")
+        for f in files:
+            if not f.exists():
+                raise UserError(f"{f}: no such file (listed in {path})")
+        return files
+    if path.is_file():
+        return [path]
+    known = IMAGE_EXTENSIONS + SLIDE_EXTENSIONS
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() in known)
+    if not files:
+        raise UserError(f"{path}: no images or slides ({', '.join(known)}) in this folder")
+    return files
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    from tsfd_jax.errors import UserError
+
+    if text is None:
+        return 0, 1
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard {text}: expected K/N, e.g. 0/4") from None
+    if n < 1 or not 0 <= k < n:
+        raise UserError(f"--shard {text}: needs 0 <= K < N")
+    return k, n
+
+
+def my_share(files: list, shard: tuple[int, int], process: tuple[int, int]) -> list:
+    """Inputs K, K + N, ... of the list, then this process' turn of those (jax.distributed):
+    array jobs and hosts take disjoint inputs without talking to each other."""
+    (k, n), (p, count) = shard, process
+    return files[k::n][p::count]
+
+
 def run(args) -> int:
     _select_device(args.device)
+    import jax
     from tqdm import tqdm
 
     from tsfd_jax.checkpoints import restore_variables
     from tsfd_jax.errors import UserError
     from tsfd_jax.evaluate_cli import load_run_config
     from tsfd_jax.exports import check_targets, output_paths, write_outputs
-    from tsfd_jax.image_io import image_info, list_images, read_image
+    from tsfd_jax.image_io import image_info, read_image
+    from tsfd_jax.parallel import initialize_distributed
     from tsfd_jax.predict import check_tile, make_predict_fn, predict_image
+    from tsfd_jax.slides import is_slide
 
     _check_args(args)
+    initialize_distributed(args.distributed)
     workdir, out = Path(args.workdir), Path(args.out)
     # 1. Everything that can fail cheaply fails before the model loads and before any write.
-    files = list_images(args.input)
-    infos = [image_info(f) for f in files]
+    shard = parse_shard(args.shard)
+    everything = list_inputs(args.input)
     stems: dict[str, Path] = {}
-    for f in files:
+    for f in everything:  # all of them: every shard writes into the same folder
         if f.stem in stems:
             raise UserError(f"{f}: has the same name stem as {stems[f.stem]}; their outputs "
                             f"would collide")
         stems[f.stem] = f
+    mine = my_share(everything, shard, (jax.process_index(), jax.process_count()))
+    slide_files = [f for f in mine if is_slide(f)]
+    files = [f for f in mine if f not in slide_files]
+    slide_only = (args.slide_mpp, args.region, args.tissue_mask)
+    if not slide_files and any(v is not None for v in slide_only):
+        raise UserError("--slide-mpp, --region and --tissue-mask apply to whole slides; "
+                        "the input has none")
+    if args.tissue_mask is not None and len(slide_files) != 1:
+        raise UserError(f"--tissue-mask {args.tissue_mask}: needs exactly one slide "
+                        f"({len(slide_files)} given)")
+    infos = [image_info(f) for f in files]
     targets = {f: output_paths(out, f.stem, instance_format=args.format,
                                image_shape=(i.height, i.width)) for f, i in zip(files, infos)}
     if out.exists():
@@ -117,11 +205,14 @@ def run(args) -> int:
     cfg = load_run_config(workdir, tuned=not args.untuned)
     check_tile(cfg, args.tile, args.overlap)
     variables, step = restore_variables(workdir, args.checkpoint)
+    jobs = [_slide_job(f, args, cfg, workdir, step, out) for f in slide_files]
     _check_out_dir(out)
-
-    # 2. The model, compiled once for every image.
-    predict_fn = make_predict_fn(cfg, variables, args.tile)
-    print(f"{workdir}: checkpoint step {step}; {len(files)} image(s) -> {out}")
+    predict_fn = None  # 2. The model, compiled once for every input (none when all are done)
+    if files or any(j["status"] != "complete" for j in jobs):
+        predict_fn = make_predict_fn(cfg, variables, args.tile)
+    share = "" if len(mine) == len(everything) else f" (this share of {len(everything)})"
+    print(f"{workdir}: checkpoint step {step}; {len(files)} image(s), {len(jobs)} slide(s)"
+          f"{share} -> {out}")
     for n, (f, info) in enumerate(zip(files, infos), start=1):
         t0 = time.perf_counter()
         image = read_image(f)
@@ -137,7 +228,80 @@ def run(args) -> int:
         write_outputs(pred, out, f.stem, cfg.data.label_names, targets[f].keys(), image=image,
                       instance_format=args.format, overwrite=args.overwrite)
         print(_summary(f, pred, time.perf_counter() - t0))
+    for n, job in enumerate(jobs, start=1):
+        _run_slide(job, f"[{n}/{len(jobs)}]", predict_fn, cfg, args, out, tqdm)
     return 0
+
+
+def _slide_job(path: Path, args, cfg, workdir: Path, step: int, out: Path) -> dict:
+    """Open and check a slide before the model loads: readable, pixel size, region, mask file,
+    and what its outputs say (complete / resume / fresh, or in the way without --overwrite)."""
+    from tsfd_jax.predict import check_tile, default_overlap
+    from tsfd_jax.slides import (JOB_VERSION, Slide, file_sha256, load_tissue_mask, parse_region,
+                                 plan_slide, slide_mpp, slide_status)
+
+    tile = check_tile(cfg, args.tile, args.overlap)
+    overlap = default_overlap(tile) if args.overlap is None else args.overlap
+    with Slide(path) as slide:
+        mpp0, mpp_source = slide_mpp(slide, args.slide_mpp)
+        plan = plan_slide(slide, mpp0, args.mpp, parse_region(args.region), cfg)
+        if args.tissue_mask is not None:
+            load_tissue_mask(args.tissue_mask, slide, mpp0)  # checked now, used later
+    stat = path.stat()
+    config = cfg.to_json_best_effort(sort_keys=True).encode()
+    job = {"version": JOB_VERSION, "slide": str(path.resolve()), "slide_bytes": stat.st_size,
+           "slide_mtime_ns": stat.st_mtime_ns, "workdir": str(workdir.resolve()),
+           "checkpoint_step": int(step), "config_sha256": hashlib.sha256(config).hexdigest(),
+           "mpp": plan.mpp, "slide_mpp": mpp0, "region": list(plan.region), "tile": tile,
+           "overlap": overlap, "batch_size": args.batch_size,
+           "tissue_mask": None if args.tissue_mask is None else file_sha256(args.tissue_mask)}
+    status = slide_status(out, path.stem, job, args.overwrite)
+    return {"path": path, "job": job, "status": status, "mpp0": mpp0, "mpp_source": mpp_source,
+            "tile": tile, "overlap": overlap}
+
+
+def _run_slide(job: dict, tag: str, predict_fn, cfg, args, out: Path, tqdm) -> None:
+    from tsfd_jax.slides import (Slide, detect_tissue, load_tissue_mask, parse_region,
+                                 plan_slide, predict_slide)
+
+    path = job["path"]
+    t0 = time.perf_counter()
+    if job["status"] == "complete":
+        print(f"{path.name}: complete in {out} (same slide, model and arguments); skipped")
+        return
+    with Slide(path) as slide:
+        plan = plan_slide(slide, job["mpp0"], args.mpp, parse_region(args.region), cfg)
+        tissue = (load_tissue_mask(args.tissue_mask, slide, job["mpp0"])
+                  if args.tissue_mask is not None else detect_tissue(slide, job["mpp0"]))
+        with tqdm(desc=f"{tag} {path.name}", unit="tile", leave=False, disable=None) as bar:
+            def progress(done, total, bar=bar):
+                if bar.total is None:  # the first call: where a resumed run starts
+                    bar.total, bar.n, bar.last_print_n = total, done, done
+                    bar.refresh()
+                bar.update(done - bar.n)
+
+            summary = predict_slide(slide, predict_fn, cfg, out, path.stem, plan=plan,
+                                    tissue=tissue, job=job["job"], tile=job["tile"],
+                                    overlap=job["overlap"], batch_size=args.batch_size,
+                                    workers=args.workers, overwrite=args.overwrite,
+                                    progress=progress)
+    print(_slide_summary(path, summary, job["status"], time.perf_counter() - t0))
+
+
+def _slide_summary(path: Path, s: dict, status: str, seconds: float) -> str:
+    a, nuclei = s["analysis"], s["nuclei"]
+    counts = ", ".join(f"{k} {v}" for k, v in nuclei["per_class"].items() if v)
+    line = (f"{path.name}: {s['dimensions'][0]}x{s['dimensions'][1]} px, level {a['level']} "
+            f"at {a['mpp']:.3g} um/px{' (resampled)' if a['resampled'] else ''}, "
+            f"{nuclei['total']} nuclei")
+    line += f" ({counts})" if counts else ""
+    line += f", tissue {s['tissue']['area_mm2']:.3g} mm^2"
+    if nuclei["total_per_mm2"] is not None:
+        line += f" ({nuclei['total_per_mm2']:.0f} nuclei/mm^2)"
+    if s["slide_tissue"]:
+        line += f", {s['slide_tissue']['name']} ({s['slide_tissue']['prob']:.2f})"
+    line += f", {s['tiles']['run']}/{s['tiles']['grid']} tiles"
+    return line + (", resumed" if status == "resume" else "") + f", {seconds:.1f} s"
 
 
 def _summary(path: Path, pred, seconds: float) -> str:
