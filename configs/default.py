@@ -34,7 +34,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.val_fraction = 0.0          # folders source: share of source images held out as 'val'
     d.label_names = LABEL_NAMES   # project label order: 0 background, PanNuke channel + 1
     d.tissue_names = PANNUKE_TISSUES
-    d.image_size = 256            # label resolution (PanNuke patch size)
+    d.image_size = 256            # label resolution (PanNuke patch size); larger images: random
+                                  # crops of this size in training (docs/data.md)
+    d.eval_size = 0               # evaluation tiles of larger images; 0 = whole when a split
+                                  # has one size, else image_size
     d.mpp = 0.25                  # micrometres per pixel of the training data (PanNuke 40x)
     d.global_batch_size = 16      # PAPER §4.4
     d.eval_batch_size = 16

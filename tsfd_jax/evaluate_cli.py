@@ -47,14 +47,14 @@ def tune_workdir(workdir: str | Path, checkpoint: str = "last", max_images: int 
     import dataclasses
 
     from tsfd_jax.checkpoints import restore_variables
-    from tsfd_jax.data.resolve import load_split
+    from tsfd_jax.data.resolve import load_eval_split
     from tsfd_jax.tune import collect, save_tuned, search, tuned_metric
 
     workdir = Path(workdir)
     cfg = load_run_config(workdir, tuned=False)
     apply_eval_overrides(cfg, [])
     variables, step = restore_variables(workdir, checkpoint)
-    source = load_split(cfg, workdir, "val")
+    cfg, source = load_eval_split(cfg, workdir, "val")
     workers = int(cfg.data.num_workers) if workers is None else workers
     data = collect(cfg, variables, source, max_images)
     metric = tuned_metric(cfg)
@@ -115,7 +115,7 @@ def evaluate_workdir(workdir: str | Path, *, checkpoint: str = "best", data: str
     apply_eval_overrides(cfg, overrides)
     variables, step = restore_variables(workdir, checkpoint)
     split = split or cfg.data.test_split
-    source, label = eval_source(cfg, workdir, data, split)
+    cfg, source, label = eval_source(cfg, workdir, data, split)
     out_dir = workdir / "eval" / (name or f"{label}-step{step}")
     # Under jax.distributed every process evaluates every image; process 0 writes.
     writer = jax.process_index() == 0

@@ -27,7 +27,7 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
     from tqdm import tqdm
 
     from tsfd_jax.data.pipeline import to_global, train_iterator
-    from tsfd_jax.data.resolve import load_split
+    from tsfd_jax.data.resolve import load_eval_split, load_train
     from tsfd_jax.evaluate import make_eval_fn
     from tsfd_jax.models.tsfd import build_model
     from tsfd_jax.ops.preprocess import make_preprocess_fn
@@ -49,10 +49,10 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
     repl = parallel.replicated(mesh)
 
     # ---- input pipeline ------------------------------------------------------------------
-    train_source = load_split(cfg, workdir, "train")
+    train_source, crop = load_train(cfg, workdir)
     data_iter = train_iterator(train_source, int(cfg.data.global_batch_size), seed=int(cfg.seed),
                                num_workers=int(cfg.data.num_workers),
-                               prefetch=int(cfg.data.prefetch))
+                               prefetch=int(cfg.data.prefetch), crop_size=crop)
 
     # ---- model, optimiser, state -----------------------------------------------------------
     model = build_model(cfg)
@@ -88,7 +88,7 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
     pending: list[dict] = []
     last: dict = {}
     t0, n0 = time.perf_counter(), step
-    eval_fn = None
+    eval_fn = val = None
     last_val: dict | None = None
     try:
         while step < total:
@@ -115,18 +115,19 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.3g}",
                                 img_s=f"{rate:.1f}")
                 t0, n0 = time.perf_counter(), step
-            val = None
+            result = None
             if is_eval:
-                if eval_fn is None:
-                    eval_fn = make_eval_fn(cfg, mesh)  # once per run: validation compiles once
-                val = _validate(cfg, workdir, state, mesh, step, eval_fn)
-                last_val = val
-                writer.write(step, val)
+                if eval_fn is None:  # once per run: validation compiles once
+                    val = load_eval_split(cfg, workdir, "val")
+                    eval_fn = make_eval_fn(val[0], mesh)
+                result = _validate(*val, state, mesh, eval_fn)
+                last_val = result
+                writer.write(step, result)
                 bar.write(f"step {step}: " + ", ".join(
-                    f"{k}={v:.4f}" for k, v in val.items() if isinstance(v, float)))
+                    f"{k}={v:.4f}" for k, v in result.items() if isinstance(v, float)))
                 t0 = time.perf_counter()
             if is_ckpt:
-                metrics_for_best = val if val and cfg.best_metric in val else None
+                metrics_for_best = result if result and cfg.best_metric in result else None
                 checkpoints.save(manager, step, state, data_iter, metrics_for_best)
     finally:
         bar.close()
@@ -144,11 +145,10 @@ def _summarise(metrics: list[dict]) -> dict:
     return out
 
 
-def _validate(cfg, workdir: Path, state, mesh, step: int, eval_fn) -> dict:
-    from tsfd_jax.data.resolve import load_split
+def _validate(cfg, source, state, mesh, eval_fn) -> dict:
+    """Metrics of ``state`` on the validation source (``cfg`` at its evaluation size)."""
     from tsfd_jax.evaluate import evaluate_source
 
-    source = load_split(cfg, workdir, "val")
     result = evaluate_source(cfg, state.variables(), source, mesh=mesh,
                              max_images=int(cfg.eval_max_images) or None, with_report=False,
                              eval_fn=eval_fn)

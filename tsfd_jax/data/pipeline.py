@@ -83,6 +83,59 @@ class _IndexedSource:
         return f"_IndexedSource({self.source!r})"
 
 
+class RandomCrop(grain.transforms.RandomMap):
+    """(position, example) -> the same with image, inst and cls cropped to ``size`` x ``size`` at
+    a uniformly drawn origin (every origin of the image equally likely). grain draws the
+    generator from the dataset seed and the element's position in the endless stream, so a crop
+    depends on (seed, epoch, example) only and a restored iterator draws the same crops. An
+    example already of the crop size is returned unchanged."""
+
+    def __init__(self, size: int):
+        if size < 1:
+            raise ValueError(f"crop size must be positive, got {size}")
+        self.size = int(size)
+
+    def random_map(self, item: tuple[int, Mapping[str, Any]], rng: np.random.Generator
+                   ) -> tuple[int, dict[str, Any]]:
+        i, example = item
+        h, w = np.shape(example["inst"])
+        s = self.size
+        if h < s or w < s:
+            raise ValueError(f"example {example.get('key', i)!r} is {h} x {w} px, smaller than the "
+                             f"crop of {s} px (data.image_size)")
+        if (h, w) == (s, s):
+            return item
+        y0, x0 = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+        out = dict(example)
+        for k in ("image", "inst", "cls"):
+            out[k] = np.ascontiguousarray(np.asarray(example[k])[y0:y0 + s, x0:x0 + s])
+        return i, out
+
+
+class TiledSource:
+    """Random access over fixed tiles of a source's examples: ``tiles`` lists (example position,
+    y0, x0); item ``t`` is that example cut to ``size`` x ``size`` at (y0, x0), keyed
+    ``'<key>@<y0>,<x0>'``. Evaluates images larger than the network's tile at a fixed size."""
+
+    def __init__(self, source: Any, tiles: list[tuple[int, int, int]], size: int):
+        self.source, self.tiles, self.size = source, list(tiles), int(size)
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, t: int) -> dict[str, Any]:
+        i, y0, x0 = self.tiles[int(t)]
+        example, s = self.source[i], self.size
+        out = dict(example)
+        for k in ("image", "inst", "cls"):
+            out[k] = np.ascontiguousarray(np.asarray(example[k])[y0:y0 + s, x0:x0 + s])
+        out["key"] = f"{example['key']}@{y0},{x0}"
+        return out
+
+    def __repr__(self) -> str:
+        return f"TiledSource({self.source!r}, {len(self.tiles)} tiles of {self.size} px)"
+
+
 class _ToTrainElement(grain.transforms.Map):
     """(position, prepared example) -> host batch element; every training example is valid."""
 
@@ -93,14 +146,16 @@ class _ToTrainElement(grain.transforms.Map):
 
 def train_iterator(source: Any, global_batch_size: int, seed: int, num_workers: int = 0,
                    prefetch: int = 2, process_index: int | None = None,
-                   process_count: int | None = None) -> grain.DatasetIterator:
+                   process_count: int | None = None,
+                   crop_size: int | None = None) -> grain.DatasetIterator:
     """Endless, shuffled training batches of this process's shard (checkpointable iterator).
 
     ``source``: random access (``__len__``, ``__getitem__`` -> prepared example dict), picklable
     when ``num_workers > 0``. Process ``p`` of ``n`` reads the strided shard ``source[p::n]``
     (shards are disjoint and together cover the source; they differ in length by at most one).
     The shard is shuffled with ``seed`` and reshuffled each epoch; batches run across epoch
-    boundaries, so no example is ever dropped. Yields dicts of (global_batch_size // n, ...) numpy
+    boundaries, so no example is ever dropped. With ``crop_size`` every example is cut to a
+    random ``crop_size`` square (``RandomCrop``; examples may then differ in size). Yields dicts of (global_batch_size // n, ...) numpy
     arrays (module docstring; ``valid`` all True, no ``key``).
 
     The same seed gives the same batches with any ``num_workers``. The iterator's
@@ -123,6 +178,8 @@ def train_iterator(source: Any, global_batch_size: int, seed: int, num_workers: 
             f"one per-process batch of {local_batch}; use a smaller global batch or more data")
     ds = ds.seed(seed).shuffle()
     ds = ds.repeat(None)  # reshuffles each epoch (reseed_each_epoch)
+    if crop_size:
+        ds = ds.random_map(RandomCrop(crop_size), seed=seed)
     ds = ds.map(_ToTrainElement())
     ds = ds.batch(local_batch, drop_remainder=True)
     # Each read is a whole batch; `prefetch` threads keep `prefetch` batches ready.

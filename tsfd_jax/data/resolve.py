@@ -1,5 +1,11 @@
 """Config -> prepared dataset -> split source: what training and evaluation read.
 
+Image sizes (docs/data.md): the network trains on ``data.image_size`` squares. Larger (or
+mixed-size) training images are cut by a random crop of that size at every draw
+(``pipeline.RandomCrop``); evaluation sees a split whose images share one size at that size
+(the model is fully convolutional; the input keeps the trained ratio), other splits as a fixed
+grid of ``data.eval_size`` tiles (default ``data.image_size``).
+
 ``data.root`` may be an already prepared dataset (used as is) or raw data that is prepared once
 into ``data.prepared_dir`` (default ``<workdir>/prepared``): a folder holding PanNuke ``Fold N``
 folders (``data.source = 'pannuke'``) or an image + label folder (``'folders'``). Preparing again
@@ -9,12 +15,16 @@ with the same input is a no-op, so every run and evaluation can call this.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import jax
 
+from tsfd_jax.data.pipeline import TiledSource
 from tsfd_jax.data.prepare import COMPLETE, METADATA, PreparedDataset, open_prepared, prepare
 from tsfd_jax.data.splits import resolve_split
 from tsfd_jax.errors import UserError
+from tsfd_jax.ops.preprocess import at_label_size, input_size_at
+from tsfd_jax.predict import tile_starts
 
 
 def is_prepared(path: Path) -> bool:
@@ -74,23 +84,82 @@ def check_compatible(prepared: PreparedDataset, cfg) -> None:
                             "(--config.model.tissue_head=False)")
         if tuple(prepared.tissue_names) != tuple(cfg.data.tissue_names):
             raise UserError(f"{prepared.root}: its tissues differ from data.tissue_names")
+
+
+def example_shapes(prepared: PreparedDataset, source: Any) -> list[tuple[int, int]]:
+    """(H, W) of every example of ``source``: from the metadata when the dataset has one size,
+    else read once from the records."""
     size = prepared.metadata.get("image_size")
-    if size and int(size[0] if isinstance(size, (list, tuple)) else size) != int(cfg.data.image_size):
-        raise UserError(f"{prepared.root}: images are {size} px but data.image_size is "
-                        f"{cfg.data.image_size}; set --config.data.image_size")
+    if size:
+        h, w = (size, size) if isinstance(size, int) else size
+        return [(int(h), int(w))] * len(source)
+    return [tuple(int(n) for n in source[i]["inst"].shape) for i in range(len(source))]
+
+
+def _too_small(shapes, keys, size: int, root: Path, what: str) -> None:
+    small = [(k, s) for k, s in zip(keys, shapes) if min(s) < size]
+    if small:
+        (k, (h, w)), n = small[0], len(small)
+        raise UserError(f"{root}: {n} image(s) smaller than {what} {size} px (first: {k}, "
+                        f"{h} x {w}); lower {what} or pad the images")
 
 
 def load_split(cfg, workdir: str | Path, role: str):
     """Random-access source of the config's ``role`` split (train | val | test)."""
+    return _split(cfg, workdir, role)[1]
+
+
+def _split(cfg, workdir: str | Path, role: str):
     prepared = open_data(cfg, workdir)
     source = resolve_split(prepared, cfg.data, role)
     if len(source) == 0:
         raise UserError(f"{prepared.root}: the {role} split is empty")
-    return source
+    return prepared, source
+
+
+def load_train(cfg, workdir: str | Path) -> tuple[Any, int | None]:
+    """(training source, crop size or None): images larger than ``data.image_size`` are
+    cropped at random to it; smaller ones are refused."""
+    prepared, source = _split(cfg, workdir, "train")
+    size = int(cfg.data.image_size)
+    shapes = example_shapes(prepared, source)
+    _too_small(shapes, source.keys, size, prepared.root, "data.image_size")
+    return source, (None if set(shapes) == {(size, size)} else size)
+
+
+def eval_view(cfg, prepared: PreparedDataset, source: Any):
+    """(config at the evaluation size, source at that size) for evaluating ``source``.
+
+    A split whose images share one square size S is evaluated whole at S where the network
+    input fits (``input_size_at``); otherwise, or when ``data.eval_size`` is set, every image is
+    cut into a grid of that many pixels (the last tile of a row or column shifted inside).
+    """
+    label = int(cfg.data.image_size)
+    want = int(cfg.data.get("eval_size", 0) or 0)
+    shapes = example_shapes(prepared, source)
+    if not want:
+        one = set(shapes)
+        s = next(iter(one))[0] if len(one) == 1 and len(set(next(iter(one)))) == 1 else 0
+        want = s if s and input_size_at(cfg, s) else label
+    if input_size_at(cfg, want) is None:
+        raise UserError(f"data.eval_size {want}: the network input (x {cfg.input.size}/{label}) "
+                        "must be a multiple of 32 pixels")
+    _too_small(shapes, source.keys, want, prepared.root, "the evaluation size")
+    if set(shapes) != {(want, want)}:
+        tiles = [(i, y, x) for i, (h, w) in enumerate(shapes)
+                 for y in tile_starts(h, want, 0) for x in tile_starts(w, want, 0)]
+        source = TiledSource(source, tiles, want)
+    return at_label_size(cfg, want), source
+
+
+def load_eval_split(cfg, workdir: str | Path, role: str):
+    """``eval_view`` of the config's ``role`` split."""
+    return eval_view(cfg, *_split(cfg, workdir, role))
 
 
 def eval_source(cfg, workdir: str | Path, data: str | Path, split: str):
-    """Source for ``evaluate``: the run's data or another dataset, and a name for the report."""
+    """For ``evaluate``: (config at the evaluation size, source, name for the report) of the
+    run's data or another dataset (``eval_view``)."""
     prepared = open_data(cfg, workdir, data)
     if data and split not in prepared.splits and "+" not in split:
         split = "+".join(prepared.splits) if len(prepared.splits) == 1 else split
@@ -100,4 +169,4 @@ def eval_source(cfg, workdir: str | Path, data: str | Path, split: str):
         raise UserError(f"{prepared.root}: no split {split!r} (have {', '.join(prepared.splits)})"
                         ) from e
     label = f"{Path(data).name}-{split}" if data else split
-    return source, label.replace("+", "_")
+    return (*eval_view(cfg, prepared, source), label.replace("+", "_"))

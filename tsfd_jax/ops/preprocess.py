@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from tsfd_jax.ops.augment import augment_example
 from tsfd_jax.ops.resize import resize_bilinear, resize_nearest
@@ -57,6 +58,33 @@ def _network_inputs(image: jax.Array, content: jax.Array | None, train: bool, ch
             stains = stains.at[..., 2].set(0.0)
         parts.append(stains)
     return jnp.concatenate(parts, axis=-1).astype(jnp.float32)
+
+
+NETWORK_STRIDE = 32  # EfficientNet's total stride: network inputs are multiples of it
+
+
+def input_size_at(cfg, label_size: int) -> int | None:
+    """The network input for labels of ``label_size`` px at the trained ratio input.size /
+    data.image_size (512 / 256 = 2), or None where that is not a whole multiple of 32. The
+    ratio fixes the magnification, so another label size changes only the field of view."""
+    label, size = int(cfg.data.image_size), int(cfg.input.size)
+    if label_size < 1 or (label_size * size) % label:
+        return None
+    s = label_size * size // label
+    return s if s % NETWORK_STRIDE == 0 else None
+
+
+def at_label_size(cfg, label_size: int):
+    """A copy of ``cfg`` whose network sees labels of ``label_size`` px (``input_size_at``);
+    ValueError where no whole input size fits."""
+    s = input_size_at(cfg, label_size)
+    if s is None:
+        raise ValueError(f"labels of {label_size} px need a network input of {label_size} x "
+                         f"{cfg.input.size}/{cfg.data.image_size} px, not a multiple of "
+                         f"{NETWORK_STRIDE}")
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    out.data.image_size, out.input.size = int(label_size), s
+    return out
 
 
 def model_inputs(images: jax.Array, cfg) -> jax.Array:
