@@ -35,10 +35,12 @@ docs/predict.md ("Whole slides") has the user's view; the rules in short:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import queue
@@ -79,6 +81,18 @@ JOB_VERSION = 1
 
 # ---- reading -------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _quiet_tifffile():
+    """tifffile logs a warning per damaged page of a bad file; the user gets our one line."""
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def is_slide(path: str | Path) -> bool:
     """A whole-slide file: a slide extension, or a TIFF holding a pyramid or a scanner's layout
     (a plain TIFF image goes through ``image_io`` instead)."""
@@ -91,8 +105,10 @@ def is_slide(path: str | Path) -> bool:
     if suffix not in TIFF_EXTENSIONS or not path.is_file():
         return False
     try:
-        with tifffile.TiffFile(path) as tf:
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tf:
             if tf.is_svs or tf.is_ndpi or tf.is_scn or tf.is_philips or tf.is_bif:
+                return True
+            if tf.pages.first.subifds:  # reduced levels below level 0, even if cut off
                 return True
             return bool(tf.series) and len(tf.series[0].levels) > 1
     except Exception:  # noqa: BLE001 - unreadable: image_io reports it with its own message
@@ -115,7 +131,8 @@ class Slide:
             order = (self._open_tiffslide, self._open_openslide)
         for opener in order:
             try:
-                opener()
+                with _quiet_tifffile():
+                    opener()
                 break
             except UserError:
                 raise
@@ -165,10 +182,14 @@ class Slide:
         level 0: compare where every tile's bytes end with the file's size, up front."""
         size = os.path.getsize(self.path)
         end = 0
-        for page in tf.pages:
+        pages = list(tf.pages) + [p for s in tf.series for level in s.levels for p in level.pages]
+        for page in pages:
+            if page is None:
+                continue
             offsets, counts = getattr(page, "dataoffsets", ()), getattr(page, "databytecounts", ())
             if len(offsets):
                 end = max(end, max(int(o) + int(c) for o, c in zip(offsets, counts)))
+            end = max([end] + [int(o) + 1 for o in (getattr(page, "subifds", None) or ())])
         if end > size:
             raise UserError(f"{self.path}: truncated slide (its tiles need {end} bytes, the file "
                             f"has {size})")
