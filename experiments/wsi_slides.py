@@ -24,24 +24,31 @@ from typing import Callable, Iterator
 import numpy as np
 
 Block = Callable[[int, int, int, int], np.ndarray]  # (y, x, h, w) -> uint8 (h, w, 3) level 0
+_CHUNK = 2048  # level-0 pixels a side generated at once for a reduced level's tile
 
 
 def _level_tiles(block: Block, height: int, width: int, factor: int,
                  tile: int) -> Iterator[np.ndarray]:
     """Tiles (raster order) of the level with integer downsample ``factor``."""
     lh, lw = -(-height // factor), -(-width // factor)
+    step = max(1, _CHUNK // factor) * factor  # level-0 pixels reduced at a time (bounded memory)
     for ty in range(0, lh, tile):
         for tx in range(0, lw, tile):
+            out = np.full((tile, tile, 3), 255, np.uint8)
             y, x = ty * factor, tx * factor
             h, w = min(tile * factor, height - y), min(tile * factor, width - x)
-            src = block(y, x, h, w)
-            if factor > 1:
-                ph, pw = -(-h // factor) * factor, -(-w // factor) * factor
-                src = np.pad(src, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
-                src = src.reshape(ph // factor, factor, pw // factor, factor, 3).mean((1, 3))
-                src = np.round(src).astype(np.uint8)
-            out = np.full((tile, tile, 3), 255, np.uint8)
-            out[:src.shape[0], :src.shape[1]] = src
+            for cy in range(0, h, step):
+                for cx in range(0, w, step):
+                    ch, cw = min(step, h - cy), min(step, w - cx)
+                    src = block(y + cy, x + cx, ch, cw)
+                    if factor > 1:
+                        ph, pw = -(-ch // factor) * factor, -(-cw // factor) * factor
+                        src = np.pad(src, ((0, ph - ch), (0, pw - cw), (0, 0)), mode="edge")
+                        src = src.reshape(ph // factor, factor, pw // factor, factor, 3).mean(
+                            (1, 3), dtype=np.float32)
+                        src = np.round(src).astype(np.uint8)
+                    oy, ox = cy // factor, cx // factor
+                    out[oy:oy + src.shape[0], ox:ox + src.shape[1]] = src
             yield out
 
 
