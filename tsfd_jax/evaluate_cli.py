@@ -102,10 +102,16 @@ def evaluate_workdir(workdir: str | Path, *, checkpoint: str = "best", data: str
                      split: str = "", name: str = "", protocol: str = "official",
                      workers: int | None = None, max_images: int | None = None,
                      overwrite: bool = False, overrides: Sequence[str] = (),
-                     tuned: bool = True) -> Path:
+                     tuned: bool = True, merge: str | None = None,
+                     overlap: int | None = None) -> Path:
     """Evaluate a checkpoint of ``workdir``; ``overrides`` (``--config.postprocess.k=v`` /
-    ``--config.eval.k=v``) change only the post-processing and evaluation settings."""
+    ``--config.eval.k=v``) change only the post-processing and evaluation settings.
+
+    ``data`` a folder of labelled images (folders.is_labelled_folder): whole images through the
+    tiled predictor (evaluate_images.py; ``merge`` and ``overlap`` apply there). Otherwise a
+    prepared dataset or PanNuke folds, scored patch by patch (evaluate.py)."""
     from tsfd_jax.checkpoints import restore_variables
+    from tsfd_jax.data.folders import is_labelled_folder
     from tsfd_jax.data.resolve import eval_source
     from tsfd_jax.evaluate import evaluate_source
     from tsfd_jax.report import write_report
@@ -114,19 +120,17 @@ def evaluate_workdir(workdir: str | Path, *, checkpoint: str = "best", data: str
     cfg = load_run_config(workdir, tuned=tuned)
     apply_eval_overrides(cfg, overrides)
     variables, step = restore_variables(workdir, checkpoint)
+    if data and is_labelled_folder(data) and not split:
+        out_dir = workdir / "eval" / (name or f"{Path(data).resolve().name}-step{step}")
+        partial = _fresh_output(out_dir, overwrite)
+        return _evaluate_folder(cfg, variables, step, data, out_dir, partial, merge=merge,
+                                overlap=overlap, workers=workers, max_images=max_images)
     split = split or cfg.data.test_split
     cfg, source, label = eval_source(cfg, workdir, data, split)
     out_dir = workdir / "eval" / (name or f"{label}-step{step}")
     # Under jax.distributed every process evaluates every image; process 0 writes.
     writer = jax.process_index() == 0
-    if out_dir.exists() and not overwrite:
-        raise UserError(f"{out_dir}: already exists; pass --overwrite or another --name")
-    partial = out_dir.with_name(f".{out_dir.name}.partial")
-    if writer:
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        if partial.exists():
-            shutil.rmtree(partial)
+    partial = _fresh_output(out_dir, overwrite, writer)
     report = evaluate_source(cfg, variables, source, max_images=max_images, with_report=True,
                              out_dir=partial if writer else None, workers=workers,
                              protocol=protocol)
@@ -139,10 +143,44 @@ def evaluate_workdir(workdir: str | Path, *, checkpoint: str = "best", data: str
     return out_dir
 
 
+def _fresh_output(out_dir: Path, overwrite: bool, writer: bool = True) -> Path:
+    """The hidden partial folder an evaluation writes into before it is renamed ``out_dir``;
+    an existing ``out_dir`` is replaced only with ``overwrite``."""
+    if out_dir.exists() and not overwrite:
+        raise UserError(f"{out_dir}: already exists; pass --overwrite or another --name")
+    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    if writer:
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        if partial.exists():
+            shutil.rmtree(partial)
+    return partial
+
+
+def _evaluate_folder(cfg, variables, step: int, data: str, out_dir: Path, partial: Path, *,
+                     merge, overlap, workers, max_images) -> Path:
+    from tsfd_jax.evaluate_images import evaluate_folder, write_report
+    from tsfd_jax.predict import make_predict_fn
+
+    if jax.process_count() > 1:
+        raise UserError("evaluate --data FOLDER runs on one process; start it without "
+                        "jax.distributed")
+    partial.mkdir(parents=True)
+    report = evaluate_folder(cfg, make_predict_fn(cfg, variables), data, partial, merge=merge,
+                             overlap=overlap, max_images=max_images,
+                             workers=int(cfg.data.num_workers) if workers is None else workers)
+    report["checkpoint_step"] = step
+    write_report(report, partial, f"TSFD-Net whole-image evaluation: {Path(data).name}, "
+                                  f"checkpoint step {step}")
+    partial.rename(out_dir)
+    print(summary_table(report))
+    return out_dir
+
+
 def summary_table(report: dict) -> str:
     s = report["summary"]
-    rows = [("images", s["images"]), ("mPQ", s["mPQ"]), ("bPQ", s["bPQ"]),
-            ("detection F1", s["det_F1"])]
+    rows = [(k, s[k]) for k in ("images", "mPQ", "bPQ", "dice", "aji", "aji_plus") if k in s]
+    rows.append(("detection F1", s["det_F1"]))
     if "tissue_accuracy" in s:
         rows.append(("tissue accuracy", s["tissue_accuracy"]))
     for c, v in report["pq"]["class_PQ"].items():

@@ -6,7 +6,9 @@ everything else comes from the workdir's config.json, since the checkpoint fixes
 
 Writes ``W/eval/<name>/``: masks.npy (PanNuke layout, int32) + types.npy, true/masks.npy +
 true/types.npy (the ground truth in the same layout, for the official PanNuke-metrics run.py),
-report.json, report.md (paper Tables 8-10 layout) and plots.
+report.json, report.md (paper Tables 8-10 layout) and plots. With ``--data FOLDER`` of labelled
+images of any size: whole-image scores (Dice, AJI, AJI+, PQ, detection and per-type F1) in
+report.json / report.md and each image's predicted maps under ``instances/``.
 """
 
 from __future__ import annotations
@@ -18,9 +20,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", required=True, help="a training workdir")
     p.add_argument("--checkpoint", default="best", help="best | last | a step number")
     p.add_argument("--data", default="",
-                   help="prepared dataset, PanNuke folder or image+label folder "
-                        "(default: the run's data)")
-    p.add_argument("--split", default="", help="split name (default: the config's test split)")
+                   help="a folder of labelled images of any size (scored whole, through the "
+                        "tiled predictor), a prepared dataset or PanNuke folds (default: the "
+                        "run's data)")
+    p.add_argument("--split", default="", help="split name (default: the config's test split); "
+                   "with a labelled-image folder, prepares it and scores it patch by patch")
+    p.add_argument("--merge", default=None, metavar="NAME",
+                   help="labelled-image folder: merge its classes first (consep: CoNSeP's 7 "
+                        "classes -> HoVer-Net's 4)")
+    p.add_argument("--overlap", type=int, default=None,
+                   help="labelled-image folder: pixels shared by neighbouring tiles")
     p.add_argument("--name", default="", help="output folder name under W/eval/")
     p.add_argument("--protocol", choices=("official", "tsfd"), default="official",
                    help="tsfd also reports PQ against ground truth rebuilt the authors' way")
@@ -44,6 +53,6 @@ def run(args) -> int:
                            split=args.split, name=args.name, protocol=args.protocol,
                            workers=args.workers, max_images=args.max_images or None,
                            overwrite=args.overwrite, overrides=args.config_overrides,
-                           tuned=not args.untuned)
+                           tuned=not args.untuned, merge=args.merge, overlap=args.overlap)
     print(f"report: {out / 'report.md'}")
     return 0

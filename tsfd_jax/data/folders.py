@@ -252,6 +252,18 @@ MAT_FORMAT = LabelFormat(".mat", "inst_map", "type_map", _mat_keys, _read_mat)
 
 
 # ---------------------------------------------------------------------------------------------
+def is_labelled_folder(root: str | Path) -> bool:
+    """Whether ``root`` looks like a folder ``FolderDataset`` reads: ``Images/`` + ``Labels/``,
+    or at least one image with a ``.npz`` of the same stem beside it."""
+    root = Path(root)
+    if (root / MAT_IMAGES_DIR).is_dir() and (root / MAT_LABELS_DIR).is_dir():
+        return True
+    if not root.is_dir():
+        return False
+    return any(p.suffix.lower() in IMAGE_EXTS and p.with_suffix(".npz").is_file()
+               for p in root.iterdir())
+
+
 class FolderDataset:
     """One folder of images + labels (npz beside the images, or the CoNSeP / HoVer-Net
     ``Images/`` + ``Labels/*.mat`` layout); ``example(i)`` validates and converts example i."""

@@ -298,8 +298,17 @@ def pannuke_pq(true_masks: np.ndarray, pred_masks: np.ndarray,
     count}, num_images and, with ``per_image``, per-image bPQ, mPQ and class PQ lists (None for
     NaN). Scalars are floats (NaN where undefined).
     """
+    stats = per_image_stats(true_masks, pred_masks, len(class_names), match_iou)
+    return summarize_pq(stats, types, class_names, tissue_names, match_iou, per_image)
+
+
+def summarize_pq(stats: dict[str, np.ndarray], types: Sequence[str] | np.ndarray | None,
+                 class_names: Sequence[str], tissue_names: Sequence[str] | None = None,
+                 match_iou: float = 0.5, per_image: bool = False) -> dict[str, Any]:
+    """``pannuke_pq``'s averaging of per-image statistics (``per_image_stats`` rows, which may
+    come from images of different sizes, concatenated)."""
     C = len(class_names)
-    N = len(true_masks)
+    N = len(stats["PQ"])
     if types is None:
         types = np.full(N, "all")
         tissue_names = ("all",)
@@ -308,7 +317,6 @@ def pannuke_pq(true_masks: np.ndarray, pred_masks: np.ndarray,
         raise ValueError(f"types must be ({N},); got {types.shape}")
     if tissue_names is None:
         tissue_names = tuple(sorted(set(types.tolist())))
-    stats = per_image_stats(true_masks, pred_masks, C, match_iou)
     result: dict[str, Any] = {"num_images": N, "match_iou": float(match_iou)}
     for metric in ("PQ", "DQ", "SQ"):
         values = stats[metric]
