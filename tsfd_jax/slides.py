@@ -847,23 +847,29 @@ class _SlideRun:
 
     # -- state --
     def start(self) -> None:
+        """A new job folder, built under another name and renamed: a kill while it is being
+        made leaves nothing that looks like an unfinished run."""
         if self.dir.exists():
             shutil.rmtree(self.dir)
+        final, self.dir = self.dir, self.dir.with_name(f"{self.dir.name}.new-{os.getpid()}")
+        shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         (self.dir / "job.json").write_text(json.dumps(self.job, indent=1, sort_keys=True))
         _write_atomic(self.dir / "tissue.png", _png_bytes(self.tissue.mask.astype(np.uint8) * 255))
         header = io.StringIO()
         csv.writer(header, lineterminator="\n").writerow(self.csv_header())
-        self.geojson_part.write_text(exports.GEOJSON_HEAD, encoding="utf-8")
-        self.csv_part.write_text(header.getvalue(), encoding="utf-8")
+        (self.dir / self.geojson_part.name).write_text(exports.GEOJSON_HEAD, encoding="utf-8")
+        (self.dir / self.csv_part.name).write_text(header.getvalue(), encoding="utf-8")
         run_tiles = sum(len(self.row_tiles(i)) for i in range(len(self.ys)))
         self.state = {"rows_done": 0, "rows": len(self.ys), "tiles_total": run_tiles,
                       "tiles_done": 0,
-                      "geojson_bytes": self.geojson_part.stat().st_size,
-                      "csv_bytes": self.csv_part.stat().st_size, "nuclei": 0,
+                      "geojson_bytes": len(exports.GEOJSON_HEAD.encode("utf-8")),
+                      "csv_bytes": len(header.getvalue().encode("utf-8")), "nuclei": 0,
                       "counts": [0] * len(self.label_names), "carry": None,
                       "tissue_source": self.tissue.source}
         self._save_state()
+        os.replace(self.dir, final)
+        self.dir = final
 
     def load(self) -> None:
         self.state = json.loads((self.dir / "state.json").read_text())
