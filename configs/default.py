@@ -36,6 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.tissue_names = PANNUKE_TISSUES
     d.image_size = 256            # label resolution (PanNuke patch size); larger images: random
                                   # crops of this size in training (docs/data.md)
+    d.sampling = ""               # '' uniform (the paper) | class | tissue | class+tissue:
+    d.sampling_gamma = 0.85       # draw images of rare classes / tissues more (docs/data.md)
     d.eval_size = 0               # evaluation tiles of larger images; 0 = whole when a split
                                   # has one size, else image_size
     d.mpp = 0.25                  # micrometres per pixel of the training data (PanNuke 40x)

@@ -156,7 +156,7 @@ def _folder_config(root: Path, image_size: int = 32):
 
 def test_load_train_crops_larger_images_and_refuses_smaller_ones(tmp_path):
     root = _write_folder(tmp_path / "mixed", {"a_1": (48, 40), "b_1": (40, 72)})
-    source, crop = load_train(_folder_config(root), tmp_path / "w")
+    source, crop, _ = load_train(_folder_config(root), tmp_path / "w")
     assert len(source) == 2 and crop == 32
     same = _write_folder(tmp_path / "same", {"a_1": (32, 32), "b_1": (32, 32)})
     assert load_train(_folder_config(same), tmp_path / "w2")[1] is None

@@ -49,10 +49,10 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
     repl = parallel.replicated(mesh)
 
     # ---- input pipeline ------------------------------------------------------------------
-    train_source, crop = load_train(cfg, workdir)
+    train_source, crop, weights = load_train(cfg, workdir)
     data_iter = train_iterator(train_source, int(cfg.data.global_batch_size), seed=int(cfg.seed),
                                num_workers=int(cfg.data.num_workers),
-                               prefetch=int(cfg.data.prefetch), crop_size=crop)
+                               prefetch=int(cfg.data.prefetch), crop_size=crop, weights=weights)
 
     # ---- model, optimiser, state -----------------------------------------------------------
     model = build_model(cfg)

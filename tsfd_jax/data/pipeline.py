@@ -136,6 +136,42 @@ class TiledSource:
         return f"TiledSource({self.source!r}, {len(self.tiles)} tiles of {self.size} px)"
 
 
+_ENDLESS = 1 << 60  # stream length of weighted sampling: never reached
+
+
+class _WeightedDraw:
+    """Stream position k -> (source position, example), drawn with replacement in proportion to
+    ``weights`` over the shard ``positions``: epoch e = k // len(positions) draws its
+    len(positions) examples from a generator seeded (seed, e), so a draw depends on (seed, k)
+    only and a restored iterator continues the same stream. Picklable for grain workers."""
+
+    def __init__(self, source: Any, positions: np.ndarray, weights: np.ndarray, seed: int):
+        self.source, self.positions, self.seed = source, np.asarray(positions), int(seed)
+        w = np.asarray(weights, np.float64)
+        if w.shape != self.positions.shape or not np.isfinite(w).all() or (w < 0).any() \
+                or w.sum() <= 0:
+            raise ValueError("sampling weights must be finite, non-negative, one per example, "
+                             "and not all zero")
+        self.p = w / w.sum()
+        self._epoch: tuple[int, np.ndarray] | None = None
+
+    def _draws(self, epoch: int) -> np.ndarray:
+        cached = self._epoch
+        if cached is None or cached[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            cached = (epoch, rng.choice(len(self.p), len(self.p), p=self.p))
+            self._epoch = cached
+        return cached[1]
+
+    def __call__(self, k: int) -> tuple[int, Any]:
+        epoch, j = divmod(int(k), len(self.positions))
+        i = int(self.positions[self._draws(epoch)[j]])
+        return i, self.source[i]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_epoch": None}
+
+
 class _ToTrainElement(grain.transforms.Map):
     """(position, prepared example) -> host batch element; every training example is valid."""
 
@@ -147,16 +183,19 @@ class _ToTrainElement(grain.transforms.Map):
 def train_iterator(source: Any, global_batch_size: int, seed: int, num_workers: int = 0,
                    prefetch: int = 2, process_index: int | None = None,
                    process_count: int | None = None,
-                   crop_size: int | None = None) -> grain.DatasetIterator:
+                   crop_size: int | None = None,
+                   weights: np.ndarray | None = None) -> grain.DatasetIterator:
     """Endless, shuffled training batches of this process's shard (checkpointable iterator).
 
     ``source``: random access (``__len__``, ``__getitem__`` -> prepared example dict), picklable
     when ``num_workers > 0``. Process ``p`` of ``n`` reads the strided shard ``source[p::n]``
     (shards are disjoint and together cover the source; they differ in length by at most one).
     The shard is shuffled with ``seed`` and reshuffled each epoch; batches run across epoch
-    boundaries, so no example is ever dropped. With ``crop_size`` every example is cut to a
-    random ``crop_size`` square (``RandomCrop``; examples may then differ in size). Yields dicts of (global_batch_size // n, ...) numpy
-    arrays (module docstring; ``valid`` all True, no ``key``).
+    boundaries, so no example is ever dropped. With ``weights`` (one per example of ``source``)
+    each epoch instead draws as many examples as the shard holds, with replacement, in
+    proportion to them (``_WeightedDraw``). With ``crop_size`` every example is cut to a random
+    ``crop_size`` square (``RandomCrop``; examples may then differ in size). Yields dicts of
+    (global_batch_size // n, ...) numpy arrays (module docstring; ``valid`` all True, no ``key``).
 
     The same seed gives the same batches with any ``num_workers``. The iterator's
     ``get_state()``/``set_state()`` resume it exactly; for orbax use
@@ -176,8 +215,13 @@ def train_iterator(source: Any, global_batch_size: int, seed: int, num_workers: 
         raise ValueError(
             f"process {p} of {n} holds {len(ds)} training examples of {len(source)}, fewer than "
             f"one per-process batch of {local_batch}; use a smaller global batch or more data")
-    ds = ds.seed(seed).shuffle()
-    ds = ds.repeat(None)  # reshuffles each epoch (reseed_each_epoch)
+    if weights is None:
+        ds = ds.seed(seed).shuffle()
+        ds = ds.repeat(None)  # reshuffles each epoch (reseed_each_epoch)
+    else:
+        positions = np.arange(len(source))[p::n]
+        draw = _WeightedDraw(source, positions, np.asarray(weights)[p::n], seed)
+        ds = grain.MapDataset.range(_ENDLESS).map(draw)
     if crop_size:
         ds = ds.random_map(RandomCrop(crop_size), seed=seed)
     ds = ds.map(_ToTrainElement())

@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from tsfd_jax.data.pipeline import TiledSource
 from tsfd_jax.data.prepare import COMPLETE, METADATA, PreparedDataset, open_prepared, prepare
+from tsfd_jax.data.sampling import MODES, image_labels, sampling_weights
 from tsfd_jax.data.splits import resolve_split
 from tsfd_jax.errors import UserError
 from tsfd_jax.ops.preprocess import at_label_size, input_size_at
@@ -117,14 +119,27 @@ def _split(cfg, workdir: str | Path, role: str):
     return prepared, source
 
 
-def load_train(cfg, workdir: str | Path) -> tuple[Any, int | None]:
-    """(training source, crop size or None): images larger than ``data.image_size`` are
-    cropped at random to it; smaller ones are refused."""
+def load_train(cfg, workdir: str | Path) -> tuple[Any, int | None, np.ndarray | None]:
+    """(training source, crop size or None, sampling weights or None): images larger than
+    ``data.image_size`` are cropped at random to it, smaller ones refused; ``data.sampling``
+    weights the draws (sampling.py)."""
     prepared, source = _split(cfg, workdir, "train")
     size = int(cfg.data.image_size)
     shapes = example_shapes(prepared, source)
     _too_small(shapes, source.keys, size, prepared.root, "data.image_size")
-    return source, (None if set(shapes) == {(size, size)} else size)
+    mode = str(cfg.data.get("sampling", "") or "")
+    weights = None
+    if mode:
+        if mode not in MODES:
+            raise UserError(f"data.sampling {mode!r}: expected one of "
+                            f"{', '.join(repr(m) for m in MODES)}")
+        if "tissue" in mode and not prepared.tissue_names:
+            raise UserError(f"{prepared.root}: data.sampling {mode!r} needs tissue labels, "
+                            "which this dataset does not have")
+        presence, tissues = image_labels(source, len(cfg.data.label_names) - 1)
+        weights = sampling_weights(mode, float(cfg.data.get("sampling_gamma", 0.85)),
+                                   presence, tissues)
+    return source, (None if set(shapes) == {(size, size)} else size), weights
 
 
 def eval_view(cfg, prepared: PreparedDataset, source: Any):
