@@ -137,3 +137,8 @@ def test_bad_folders_give_one_line_errors_and_leave_nothing(workdir, tmp_path):
     np.savez(other / "a.npz", inst=np.zeros((40, 40), np.int32), type=np.zeros((40, 40), np.uint8))
     with pytest.raises(UserError, match=r"classes \['x', 'y'\] differ from the model's"):
         evaluate_workdir(workdir, checkpoint="last", data=str(other), name="o", workers=0)
+    out = evaluate_workdir(workdir, checkpoint="last", data=str(other), name="o", workers=0,
+                           binary=True)  # other classes: the nuclei only
+    assert "mPQ" not in json.loads((out / "report.json").read_text())["summary"]
+    with pytest.raises(UserError, match="apply to --data FOLDER"):
+        evaluate_workdir(workdir, checkpoint="last", name="x", binary=True)

@@ -102,13 +102,14 @@ def evaluate_workdir(workdir: str | Path, *, checkpoint: str = "best", data: str
                      split: str = "", name: str = "", protocol: str = "official",
                      workers: int | None = None, max_images: int | None = None,
                      overwrite: bool = False, overrides: Sequence[str] = (),
-                     tuned: bool = True, merge: str | None = None,
+                     tuned: bool = True, merge: str | None = None, binary: bool = False,
                      overlap: int | None = None) -> Path:
     """Evaluate a checkpoint of ``workdir``; ``overrides`` (``--config.postprocess.k=v`` /
     ``--config.eval.k=v``) change only the post-processing and evaluation settings.
 
     ``data`` a folder of labelled images (folders.is_labelled_folder): whole images through the
-    tiled predictor (evaluate_images.py; ``merge`` and ``overlap`` apply there). Otherwise a
+    tiled predictor (evaluate_images.py; ``merge``, ``binary`` and ``overlap`` apply there,
+    and only there). Otherwise a
     prepared dataset or PanNuke folds, scored patch by patch (evaluate.py)."""
     from tsfd_jax.checkpoints import restore_variables
     from tsfd_jax.data.folders import is_labelled_folder
@@ -124,7 +125,11 @@ def evaluate_workdir(workdir: str | Path, *, checkpoint: str = "best", data: str
         out_dir = workdir / "eval" / (name or f"{Path(data).resolve().name}-step{step}")
         partial = _fresh_output(out_dir, overwrite)
         return _evaluate_folder(cfg, variables, step, data, out_dir, partial, merge=merge,
-                                overlap=overlap, workers=workers, max_images=max_images)
+                                binary=binary, overlap=overlap, workers=workers,
+                                max_images=max_images)
+    if merge or binary or overlap is not None:
+        raise UserError("--merge, --binary and --overlap apply to --data FOLDER of labelled "
+                        "images only (scored whole, without --split)")
     split = split or cfg.data.test_split
     cfg, source, label = eval_source(cfg, workdir, data, split)
     out_dir = workdir / "eval" / (name or f"{label}-step{step}")
@@ -158,7 +163,7 @@ def _fresh_output(out_dir: Path, overwrite: bool, writer: bool = True) -> Path:
 
 
 def _evaluate_folder(cfg, variables, step: int, data: str, out_dir: Path, partial: Path, *,
-                     merge, overlap, workers, max_images) -> Path:
+                     merge, binary, overlap, workers, max_images) -> Path:
     from tsfd_jax.evaluate_images import evaluate_folder, write_report
     from tsfd_jax.predict import make_predict_fn
 
@@ -167,7 +172,7 @@ def _evaluate_folder(cfg, variables, step: int, data: str, out_dir: Path, partia
                         "jax.distributed")
     partial.mkdir(parents=True)
     report = evaluate_folder(cfg, make_predict_fn(cfg, variables), data, partial, merge=merge,
-                             overlap=overlap, max_images=max_images,
+                             binary=binary, overlap=overlap, max_images=max_images,
                              workers=int(cfg.data.num_workers) if workers is None else workers)
     report["checkpoint_step"] = step
     write_report(report, partial, f"TSFD-Net whole-image evaluation: {Path(data).name}, "

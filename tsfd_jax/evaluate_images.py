@@ -40,8 +40,9 @@ BINARY_KEYS = ("dice", "aji", "aji_plus", "dq", "sq", "pq")
 
 
 def open_folder(folder: str | Path, model_classes: tuple[str, ...],
-                merge: str | None = None) -> FolderDataset:
-    """The labelled folder, with class names checked against the model's."""
+                merge: str | None = None, binary: bool = False) -> FolderDataset:
+    """The labelled folder, with class names checked against the model's (not with
+    ``binary``: its classes are then ignored)."""
     folder = Path(folder)
     named = merge or (folder / CLASSES_FILE).is_file()
     try:
@@ -51,10 +52,10 @@ def open_folder(folder: str | Path, model_classes: tuple[str, ...],
             raise
         # Typed labels without names: read them in the model's class order (module doc).
         dataset = FolderDataset(folder, class_names=model_classes)
-    if dataset.typed and tuple(dataset.class_names) != tuple(model_classes):
+    if dataset.typed and not binary and tuple(dataset.class_names) != tuple(model_classes):
         raise UserError(f"{folder}: its classes {list(dataset.class_names)} differ from the "
                         f"model's {list(model_classes)} (a classes.txt or --merge naming the "
-                        "model's classes)")
+                        "model's classes, or --binary to score the nuclei without classes)")
     return dataset
 
 
@@ -110,12 +111,15 @@ def summarize(rows: list[dict], keys: list[str], class_names: tuple[str, ...] | 
 
 
 def evaluate_folder(cfg, predict_fn: Callable, folder: str | Path, out_dir: Path, *,
-                    merge: str | None = None, overlap: int | None = None, workers: int = 0,
-                    max_images: int | None = None, progress: bool = True) -> dict[str, Any]:
+                    merge: str | None = None, binary: bool = False, overlap: int | None = None,
+                    workers: int = 0, max_images: int | None = None,
+                    progress: bool = True) -> dict[str, Any]:
     """Predict and score every image of ``folder``; write ``<stem>_inst.npy`` /
-    ``<stem>_class.npy`` under ``out_dir/instances`` and return the report (``summarize``)."""
+    ``<stem>_class.npy`` under ``out_dir/instances`` and return the report (``summarize``).
+    ``binary`` scores the nuclei only, whatever classes the labels carry (other datasets)."""
     model_classes = tuple(cfg.data.label_names)[1:]
-    dataset = open_folder(folder, model_classes, merge)
+    dataset = open_folder(folder, model_classes, merge, binary)
+    typed = dataset.typed and not binary
     num_classes = len(model_classes)
     n = len(dataset) if max_images is None else min(len(dataset), max_images)
     inst_dir = out_dir / INSTANCES_DIR
@@ -127,15 +131,15 @@ def evaluate_folder(cfg, predict_fn: Callable, folder: str | Path, out_dir: Path
         pred = predict_image(ex["image"], predict_fn, cfg, overlap=overlap, workers=workers)
         _save_npy(inst_dir / f"{ex['key']}_inst.npy", pred.inst.astype(np.int32))
         _save_npy(inst_dir / f"{ex['key']}_class.npy", pred.class_map.astype(np.uint8))
-        rows.append(score_image(ex["inst"], ex["cls"] if dataset.typed else None, pred.inst,
+        rows.append(score_image(ex["inst"], ex["cls"] if typed else None, pred.inst,
                                 pred.classes, num_classes, float(cfg.eval.match_iou)))
         keys.append(ex["key"])
     if not rows:
         raise UserError(f"{folder}: no images to evaluate")
-    report = summarize(rows, keys, model_classes if dataset.typed else None,
+    report = summarize(rows, keys, model_classes if typed else None,
                        float(cfg.eval.detection_radius), float(cfg.eval.match_iou))
     report["timings"] = {"seconds": time.perf_counter() - t0}
-    report["data"] = {"folder": str(Path(folder).resolve()), "typed": dataset.typed,
+    report["data"] = {"folder": str(Path(folder).resolve()), "typed": typed,
                       "merge": merge, "label_format": dataset.label_format.ext}
     return report
 

@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge", default=None, metavar="NAME",
                    help="labelled-image folder: merge its classes first (consep: CoNSeP's 7 "
                         "classes -> HoVer-Net's 4)")
+    p.add_argument("--binary", action="store_true",
+                   help="labelled-image folder: score the nuclei without classes (a dataset "
+                        "with other classes than the model's)")
     p.add_argument("--overlap", type=int, default=None,
                    help="labelled-image folder: pixels shared by neighbouring tiles")
     p.add_argument("--name", default="", help="output folder name under W/eval/")
@@ -53,6 +56,7 @@ def run(args) -> int:
                            split=args.split, name=args.name, protocol=args.protocol,
                            workers=args.workers, max_images=args.max_images or None,
                            overwrite=args.overwrite, overrides=args.config_overrides,
-                           tuned=not args.untuned, merge=args.merge, overlap=args.overlap)
+                           tuned=not args.untuned, merge=args.merge, binary=args.binary,
+                           overlap=args.overlap)
     print(f"report: {out / 'report.md'}")
     return 0
