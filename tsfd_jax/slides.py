@@ -47,6 +47,7 @@ import queue
 import shutil
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,12 +84,15 @@ JOB_VERSION = 1
 
 @contextlib.contextmanager
 def _quiet_tifffile():
-    """tifffile logs a warning per damaged page of a bad file; the user gets our one line."""
+    """tifffile logs a warning per damaged page of a bad file and tiffslide warns about vendor
+    metadata it half parses: the user gets our one line (or none) instead."""
     logger = logging.getLogger("tifffile")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         logger.setLevel(level)
 
@@ -1077,6 +1081,7 @@ class _SlideRun:
         plan = self.plan
         counts = dict(zip(self.label_names[1:], self.state["counts"][1:]))
         area = self.tissue.area_mm2(plan)
+        total = self.state["nuclei"]
         tissue_prob = self.stitch.image_tissue_prob()
         slide_tissue = None
         if tissue_prob is not None:
@@ -1097,10 +1102,10 @@ class _SlideRun:
             "tissue": {"area_mm2": round(area, 6), "mask": self.paths["tissue"].name,
                        "source": self.state["tissue_source"],
                        "mask_um_per_px": [round(s * plan.slide_mpp, 4) for s in self.tissue.scale]},
-            "nuclei": {"total": self.state["nuclei"], "per_class": counts,
+            "nuclei": {"total": total, "per_class": counts,
                        "per_mm2": ({k: round(v / area, 3) for k, v in counts.items()}
                                    if area > 0 else None),
-                       "total_per_mm2": round(self.state["nuclei"] / area, 3) if area > 0 else None},
+                       "total_per_mm2": round(total / area, 3) if area > 0 else None},
             "slide_tissue": slide_tissue,
             "files": {k: p.name for k, p in self.paths.items()},
             "job": self.job,
