@@ -421,3 +421,24 @@ def test_sigkill_mid_slide_then_restart_gives_identical_outputs(slides, tiny_wor
     assert "resumed" in again.stdout
     for name in ("tags_nuclei.geojson", "tags_nuclei.csv", "tags_summary.json"):
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_inputs_folders_lists_and_shards(slides, tmp_path):
+    from tsfd_jax.commands.predict import list_inputs, my_share, parse_shard
+
+    folder = slides["tags"].parent
+    assert [p.name for p in list_inputs(folder)] == ["aperio.svs", "nompp.tif", "tags.tif"]
+    listing = tmp_path / "list.txt"
+    relative = os.path.relpath(slides["aperio"], tmp_path)  # from the list's folder
+    listing.write_text(f"# cohort\n{slides['tags']}\n\n{relative}\n")
+    assert list_inputs(listing) == [slides["tags"], tmp_path / relative]
+    listing.write_text("missing.svs\n")
+    with pytest.raises(UserError, match=r"missing\.svs: no such file \(listed in"):
+        list_inputs(listing)
+    files = list(range(10))
+    shards = [my_share(files, parse_shard(f"{k}/3"), (p, 2)) for k in range(3) for p in range(2)]
+    assert sorted(sum(shards, [])) == files  # disjoint, and together everything
+    assert parse_shard(None) == (0, 1)
+    for bad in ("3/3", "1", "a/b", "-1/2"):
+        with pytest.raises(UserError, match="--shard"):
+            parse_shard(bad)
