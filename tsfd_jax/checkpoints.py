@@ -24,6 +24,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from tsfd_jax import atomic
 from tsfd_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -61,7 +62,7 @@ def check_workdir(workdir: Path, cfg, overwrite: bool = False, resume_anyway: bo
                 f"--workdir, --resume-anyway to continue it with the new config, or --overwrite "
                 f"to archive the old run and start afresh")
     if jax.process_index() == 0:
-        write_atomic(saved, new)
+        atomic.write_bytes(saved, new)
 
 
 def _config_diff(old: dict, new: dict, prefix: str = "") -> str:
@@ -77,10 +78,6 @@ def _config_diff(old: dict, new: dict, prefix: str = "") -> str:
     return "; ".join(diffs[:5]) + (" ..." if len(diffs) > 5 else "")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def make_manager(workdir: Path, keep: int, best_metric: str | None) -> ocp.CheckpointManager:

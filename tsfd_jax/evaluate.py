@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
-from tsfd_jax import parallel
+from tsfd_jax import atomic, parallel
 
 # Pixels sampled per image for the per-class precision-recall curves.
 PR_PIXELS_PER_IMAGE = 256
@@ -256,6 +256,4 @@ def _finish_masks(out_dir: Path, pred, true, types) -> None:
     os.replace(out_dir / ".masks.npy.partial", out_dir / "masks.npy")
     os.replace(out_dir / "true" / ".masks.npy.partial", out_dir / "true" / "masks.npy")
     for folder in (out_dir, out_dir / "true"):
-        tmp = folder / ".types.npy.partial.npy"
-        np.save(tmp, types)
-        os.replace(tmp, folder / "types.npy")
+        atomic.save_npy(folder / "types.npy", types)

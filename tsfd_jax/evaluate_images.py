@@ -16,8 +16,6 @@ in the model's class order.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
+from tsfd_jax import atomic
 from tsfd_jax.data.folders import CLASSES_FILE, FolderDataset
 from tsfd_jax.errors import UserError
 from tsfd_jax.evaluate import truth_layout
@@ -129,8 +128,8 @@ def evaluate_folder(cfg, predict_fn: Callable, folder: str | Path, out_dir: Path
     for i in tqdm(range(n), desc="evaluate", unit="img", disable=not progress):
         ex = dataset.example(i)
         pred = predict_image(ex["image"], predict_fn, cfg, overlap=overlap, workers=workers)
-        _save_npy(inst_dir / f"{ex['key']}_inst.npy", pred.inst.astype(np.int32))
-        _save_npy(inst_dir / f"{ex['key']}_class.npy", pred.class_map.astype(np.uint8))
+        atomic.save_npy(inst_dir / f"{ex['key']}_inst.npy", pred.inst.astype(np.int32))
+        atomic.save_npy(inst_dir / f"{ex['key']}_class.npy", pred.class_map.astype(np.uint8))
         rows.append(score_image(ex["inst"], ex["cls"] if typed else None, pred.inst,
                                 pred.classes, num_classes, float(cfg.eval.match_iou)))
         keys.append(ex["key"])
@@ -142,13 +141,6 @@ def evaluate_folder(cfg, predict_fn: Callable, folder: str | Path, out_dir: Path
     report["data"] = {"folder": str(Path(folder).resolve()), "typed": typed,
                       "merge": merge, "label_format": dataset.label_format.ext}
     return report
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
 
 
 def write_report(report: dict[str, Any], out_dir: Path, title: str) -> None:
@@ -169,8 +161,5 @@ def write_report(report: dict[str, Any], out_dir: Path, title: str) -> None:
     for r in report["per_image"]:
         lines.append(f"| {r['key']} | {r['dice']:.4f} | {r['aji']:.4f} | {r['aji_plus']:.4f} | "
                      f"{r['pq']:.4f} |")
-    for name, text in (("report.json", json.dumps(to_jsonable(report), indent=1)),
-                       ("report.md", "\n".join(lines) + "\n")):
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out_dir / name)
+    atomic.write_json(out_dir / "report.json", to_jsonable(report))
+    atomic.write_bytes(out_dir / "report.md", "\n".join(lines) + "\n")

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tsfd_jax import paper
+from tsfd_jax import atomic, paper
 from tsfd_jax.constants import PANNUKE_CLASS_COLORS
 
 
@@ -30,12 +29,6 @@ def to_jsonable(x: Any) -> Any:
     if isinstance(x, np.integer):
         return int(x)
     return x
-
-
-def _write(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 def _fmt(x: Any) -> str:
@@ -87,8 +80,8 @@ def write_report(report: dict, out_dir: Path, title: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     plain = {k: v for k, v in report.items() if k not in ("pr", "examples")}
     written = [out_dir / "report.json", out_dir / "report.md"]
-    _write(written[0], json.dumps(to_jsonable(plain), indent=2))
-    _write(written[1], markdown(report, title))
+    atomic.write_bytes(written[0], json.dumps(to_jsonable(plain), indent=2))
+    atomic.write_bytes(written[1], markdown(report, title))
     written += _plots(report, out_dir)
     return written
 
@@ -134,9 +127,8 @@ def _plots(report: dict, out_dir: Path) -> list[Path]:
 
 
 def _savefig(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic.writing(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     return path
 
 
@@ -152,12 +144,7 @@ def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _overlay_grid(examples: list[dict], path: Path) -> Path:
-    from PIL import Image
-
     rows = [np.concatenate([ex["image"], overlay(ex["image"], ex["true"]),
                             overlay(ex["image"], ex["pred"])], axis=1) for ex in examples]
-    grid = np.concatenate(rows, axis=0)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    Image.fromarray(grid).save(tmp)
-    os.replace(tmp, path)
+    atomic.save_png(path, np.concatenate(rows, axis=0))
     return path

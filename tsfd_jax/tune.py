@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tsfd_jax.checkpoints import write_atomic
+from tsfd_jax import atomic
 from tsfd_jax.errors import UserError
 from tsfd_jax.evaluate import truth_layout, predict_batches
 from tsfd_jax.metrics.pq import pannuke_pq
@@ -102,7 +102,7 @@ def search(cfg, data: dict, metric: str, workers: int = 0,
 
 def save_tuned(workdir: Path, result: dict) -> Path:
     path = Path(workdir) / TUNED_FILE
-    write_atomic(path, json.dumps(result, indent=2))
+    atomic.write_json(path, result, indent=2)
     return path
 
 

@@ -10,9 +10,7 @@ overall numbers; ``--out`` writes them as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 from pathlib import Path
 
 from tsfd_jax.errors import UserError
@@ -65,9 +63,9 @@ def _jsonable(x):
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2))
-    os.replace(tmp, path)
+    from tsfd_jax import atomic
+
+    atomic.write_json(path, _jsonable(data), indent=2)
 
 
 def format_table(res: dict) -> str:
@@ -95,8 +93,6 @@ def format_table(res: dict) -> str:
 
 
 def run(args) -> int:
-    import numpy as np
-
     from tsfd_jax.constants import PANNUKE_CLASSES, PANNUKE_TISSUES
     from tsfd_jax.metrics.pq import pannuke_pq
 

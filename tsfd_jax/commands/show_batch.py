@@ -12,8 +12,6 @@ written in the panel's label, so faint channels stay visible.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -131,14 +129,9 @@ class _Subset:
 
 
 def write_png_atomic(image, out: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    from tsfd_jax import atomic
+
+    atomic.save_png(out, image)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from tqdm import tqdm
 
+from tsfd_jax import atomic
 from tsfd_jax.constants import LABEL_NAMES, PANNUKE_TISSUES
 from tsfd_jax.data import folders as folders_lib
 from tsfd_jax.data import pannuke as pannuke_lib
@@ -48,7 +49,7 @@ METADATA = "metadata.json"
 KEYS = "keys.json"
 COMPLETE = ".complete"
 IN_PROGRESS = ".prepare-in-progress"
-_TMP_PREFIX = ".tmp-"
+_TMP_PREFIX = atomic.TMP_PREFIX
 _OURS = {TFDS_SUBDIR, METADATA, KEYS, COMPLETE, IN_PROGRESS}
 _HASH_BYTES = 1 << 20  # bytes hashed from each end of a large input file
 _SPLIT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")  # TFDS split names; '+' joins them
@@ -246,10 +247,6 @@ class NucleiBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 # ---------------------------------------------------------------------------------------------
 # Output folder states and atomic writes
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.parent / f"{_TMP_PREFIX}{path.name}.{os.getpid()}"
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> Any:
@@ -371,12 +368,12 @@ def prepare(source: str, inputs: str | Path | Sequence[str | Path], out: str | P
         return meta
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(out / IN_PROGRESS, {"format": FORMAT, "pid": os.getpid(),
+    atomic.write_json(out / IN_PROGRESS, {"format": FORMAT, "pid": os.getpid(),
                                            "host": socket.gethostname(), "started": time.time()})
     try:
         _remove_ours(out, keep=(IN_PROGRESS,))
         meta = _build(plan, out, fingerprint, progress)
-        _write_json_atomic(out / COMPLETE, {"format": FORMAT, "version": FORMAT_VERSION,
+        atomic.write_json(out / COMPLETE, {"format": FORMAT, "version": FORMAT_VERSION,
                                             "fingerprint": fingerprint})
         (out / IN_PROGRESS).unlink()
     except Exception:
@@ -425,7 +422,7 @@ def _build(plan: Plan, out: Path, fingerprint: str, progress: bool) -> dict[str,
                 got = src[i]["key"]
             if got != keys[i]:
                 raise RuntimeError(f"split {split}: record {i} is {got}, not {keys[i]}")
-    _write_json_atomic(out / KEYS, {s: {"keys": stats.keys.get(s, []),
+    atomic.write_json(out / KEYS, {s: {"keys": stats.keys.get(s, []),
                                         "tissue": stats.tissues.get(s, [])} for s in plan.splits})
     classes = plan.label_names[1:]
     tissues = plan.tissue_names
@@ -447,7 +444,7 @@ def _build(plan: Plan, out: Path, fingerprint: str, progress: bool) -> dict[str,
         "tfds_dir": tfds_dir.as_posix(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _write_json_atomic(out / METADATA, meta)
+    atomic.write_json(out / METADATA, meta)
     return meta
 
 

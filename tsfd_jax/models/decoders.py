@@ -27,7 +27,6 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from tsfd_jax.models.bifpn import FusionNode, glorot_uniform, level_name, resize_to
 from tsfd_jax.models.layers import Layers
