@@ -7,7 +7,10 @@ masks, detection/classification F1 the HoVer-Net protocol, plus tissue accuracy 
 
 from __future__ import annotations
 
+import os
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -15,6 +18,10 @@ import jax
 import numpy as np
 
 from tsfd_jax import atomic, parallel
+from tsfd_jax.metrics.detection import detection_stats, instances_from_pannuke
+from tsfd_jax.metrics.pq import pannuke_pq
+from tsfd_jax.metrics.tissue import tissue_stats
+from tsfd_jax.postprocess import postprocess_stream, rebuild_tsfd_ground_truth, to_pannuke_layout
 
 # Pixels sampled per image for the per-class precision-recall curves.
 PR_PIXELS_PER_IMAGE = 256
@@ -94,149 +101,175 @@ def predict_batches(cfg, variables: dict, source, *, mesh=None, max_images: int 
         yield host, outputs
 
 
+@dataclass
+class Collected:
+    """What one pass of the model over a source leaves for scoring, per image in source order:
+    PanNuke-layout predictions and truth (N, H, W, C + 1), tissue names and ids, keys, tissue
+    probabilities; sampled pixel scores for the PR curves; a few overlay examples; the mean
+    loss and Dice of the eval step; device and post-processing seconds."""
+
+    pred_masks: np.ndarray
+    true_masks: np.ndarray
+    types: list
+    keys: list
+    tissue_true: list
+    tissue_prob: list
+    pr_scores: list = field(default_factory=list)
+    pr_labels: list = field(default_factory=list)
+    examples: list = field(default_factory=list)
+    rebuilt: np.ndarray | None = None
+    loss: float = 0.0
+    dice: float = 0.0
+    timings: dict = field(default_factory=dict)
+
+
+def _mask_arrays(shape: tuple[int, ...], out_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """(pred, true) PanNuke-layout arrays: memory maps under ``out_dir`` (renamed into place by
+    ``_finish_masks``), else in memory."""
+    if out_dir is None:
+        return np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    (out_dir / "true").mkdir(parents=True, exist_ok=True)
+    return (np.lib.format.open_memmap(out_dir / ".masks.npy.partial", "w+", np.int32, shape),
+            np.lib.format.open_memmap(out_dir / "true" / ".masks.npy.partial", "w+", np.int32,
+                                      shape))
+
+
+def collect(cfg, variables: dict, source, *, mesh=None, max_images: int | None = None,
+            out_dir: Path | None = None, workers: int = 0, protocol: str = "official",
+            keep_examples: int = 0, eval_fn=None) -> Collected:
+    """Run the model over ``source``: post-processing on ``workers`` host processes while the
+    device computes the next batch; ``protocol='tsfd'`` also rebuilds the truth the authors'
+    way (docs/evaluation.md)."""
+    if protocol not in ("official", "tsfd"):
+        raise ValueError(f"unknown evaluation protocol {protocol!r} (official | tsfd)")
+    tissue_names = tuple(cfg.data.tissue_names)
+    num_classes = len(cfg.data.label_names) - 1
+    n_total = len(source) if max_images is None else min(len(source), max_images)
+    size = int(cfg.data.image_size)
+    shape = (n_total, size, size, num_classes + 1)
+    pred_masks, true_masks = _mask_arrays(shape, out_dir)
+    out = Collected(pred_masks, true_masks, *([None] * n_total for _ in range(4)),
+                    rebuilt=np.zeros(shape, np.int32) if protocol == "tsfd" else None,
+                    timings={"device_s": 0.0, "postprocess_s": 0.0})
+    rng = np.random.default_rng(0)
+    pending: deque = deque()  # (host batch, device outputs) awaiting their post-processing
+
+    def probabilities():
+        t = time.perf_counter()
+        for host, dev in predict_batches(cfg, variables, source, mesh=mesh,
+                                         max_images=max_images, eval_fn=eval_fn):
+            out.timings["device_s"] += time.perf_counter() - t
+            out.loss += float(dev["loss"]) * dev["num_valid"]
+            out.dice += float(dev["dice"]) * dev["num_valid"]
+            pending.append((host, dev))
+            yield dev["seg_prob"], dev["boundary_prob"]
+            t = time.perf_counter()
+
+    n = 0
+    t_pp = time.perf_counter()
+    for results in postprocess_stream(probabilities(), cfg.postprocess, workers):
+        host, dev = pending.popleft()
+        for j, inst in enumerate(results):
+            # Images go to their source position: under several processes they arrive
+            # interleaved (each process's shard in turn).
+            k = int(host["index"][j])
+            out.pred_masks[k] = to_pannuke_layout(inst.inst, inst.classes, num_classes)
+            out.true_masks[k] = truth_layout(host["inst"][j], host["cls"][j], num_classes)
+            if out.rebuilt is not None:
+                gt = rebuild_tsfd_ground_truth(
+                    host["inst"][j], host["cls"][j], cfg.postprocess, num_classes=num_classes,
+                    frame_width=int(cfg.targets.frame_width))
+                out.rebuilt[k] = to_pannuke_layout(gt.inst, gt.classes, num_classes)
+            tissue = int(host["tissue"][j])
+            out.types[k] = tissue_names[tissue] if tissue < len(tissue_names) else str(tissue)
+            out.keys[k] = host["key"][j] if "key" in host else str(k)
+            out.tissue_true[k] = tissue
+            if "tissue_prob" in dev:
+                out.tissue_prob[k] = dev["tissue_prob"][j]
+            if len(out.examples) < keep_examples:
+                out.examples.append({"image": np.asarray(host["image"][j]),
+                                     "true": out.true_masks[k].copy(),
+                                     "pred": out.pred_masks[k].copy()})
+            flat_p = dev["seg_prob"][j].reshape(-1, num_classes + 1)
+            pick = rng.choice(len(flat_p), min(PR_PIXELS_PER_IMAGE, len(flat_p)), replace=False)
+            out.pr_scores.append(flat_p[pick])
+            out.pr_labels.append(np.asarray(host["cls"][j]).reshape(-1)[pick])
+            n += 1
+    out.timings["postprocess_s"] = time.perf_counter() - t_pp - out.timings["device_s"]
+    if n != n_total:
+        raise RuntimeError(f"evaluated {n} images, expected {n_total}")
+    out.loss, out.dice = out.loss / max(n, 1), out.dice / max(n, 1)
+    return out
+
+
+def score(cfg, c: Collected, with_report: bool = True) -> dict[str, Any]:
+    """Every metric of the collected predictions: a flat dict of scalars (mPQ, bPQ, det_F1,
+    tissue_accuracy, loss, dice, ...), with ``with_report`` the nested report as well."""
+    class_names = tuple(cfg.data.label_names)[1:]
+    tissue_names = tuple(cfg.data.tissue_names)
+    num_classes, n = len(class_names), len(c.keys)
+    match_iou = float(cfg.eval.match_iou)
+    t = time.perf_counter()
+    types = np.asarray(c.types, dtype=str)
+    # Without tissue labels (CoNSeP, image folders) every image is one tissue, "all".
+    pq_types, pq_tissues = (types, tissue_names) if tissue_names else (None, None)
+    pq = pannuke_pq(c.true_masks, c.pred_masks, pq_types, class_names=class_names,
+                    tissue_names=pq_tissues, match_iou=match_iou)
+    det = detection_stats([instances_from_pannuke(m) for m in c.true_masks],
+                          [instances_from_pannuke(m) for m in c.pred_masks],
+                          radius=float(cfg.eval.detection_radius), num_classes=num_classes,
+                          class_names=class_names)
+    c.timings["metrics_s"] = time.perf_counter() - t
+    flat: dict[str, Any] = {"images": n, "mPQ": pq["mPQ"], "bPQ": pq["bPQ"], "loss": c.loss,
+                            "dice": c.dice, "det_F1": det["F1d"]}
+    tissue = None
+    if n and c.tissue_prob[0] is not None:
+        tissue = tissue_stats(np.asarray(c.tissue_true), np.stack(c.tissue_prob).argmax(-1),
+                              tissue_names)
+        flat["tissue_accuracy"] = tissue["accuracy"]
+    pq_tsfd = None
+    if c.rebuilt is not None:
+        pq_tsfd = pannuke_pq(c.rebuilt, c.pred_masks, pq_types, class_names=class_names,
+                             tissue_names=pq_tissues, match_iou=match_iou)
+        flat["mPQ_tsfd_protocol"], flat["bPQ_tsfd_protocol"] = pq_tsfd["mPQ"], pq_tsfd["bPQ"]
+    if not with_report:
+        return flat
+    report = {"summary": flat, "pq": pq, "detection": det, "tissue": tissue,
+              "timings": {**c.timings, "images_per_s": n / max(sum(c.timings.values()), 1e-9)},
+              "keys": c.keys, "examples": c.examples,
+              "pr": {"scores": np.concatenate(c.pr_scores) if c.pr_scores else np.zeros((0,)),
+                     "labels": np.concatenate(c.pr_labels) if c.pr_labels else np.zeros((0,))},
+              "class_names": list(class_names), "tissue_names": list(tissue_names)}
+    if pq_tsfd is not None:
+        report["pq_tsfd_protocol"] = pq_tsfd
+    return report
+
+
 def evaluate_source(cfg, variables: dict, source, *, mesh=None, max_images: int | None = None,
                     with_report: bool = True, out_dir: str | Path | None = None,
                     workers: int | None = None, protocol: str = "official",
                     eval_fn=None) -> dict[str, Any]:
-    """Run the model over ``source`` and compute every metric.
+    """Run the model over ``source`` and compute every metric (``collect`` -> ``score``).
 
     Returns a flat dict of scalars (mPQ, bPQ, det_F1, tissue_accuracy, loss, dice, ...); with
     ``with_report`` also the nested report (per class, per tissue, confusion matrix, timings).
     With ``out_dir`` the predictions are written there as PanNuke-layout ``masks.npy`` (int32)
     plus ``types.npy``, and the ground truth as ``true/masks.npy`` + ``true/types.npy``.
     """
-    from tsfd_jax.metrics.detection import detection_stats, instances_from_pannuke
-    from tsfd_jax.metrics.pq import pannuke_pq
-    from tsfd_jax.metrics.tissue import tissue_stats
-    from tsfd_jax.postprocess import postprocess_stream, to_pannuke_layout
-
-    label_names = tuple(cfg.data.label_names)
-    class_names = label_names[1:]
-    tissue_names = tuple(cfg.data.tissue_names)
-    num_classes = len(class_names)
-    n_total = len(source) if max_images is None else min(len(source), max_images)
+    out_dir = None if out_dir is None else Path(out_dir)
     workers = int(cfg.data.num_workers) if workers is None else workers
-
-    size = int(cfg.data.image_size)
-    shape = (n_total, size, size, num_classes + 1)
+    collected = collect(cfg, variables, source, mesh=mesh, max_images=max_images,
+                        out_dir=out_dir, workers=workers, protocol=protocol,
+                        keep_examples=OVERLAY_EXAMPLES if with_report else 0, eval_fn=eval_fn)
+    result = score(cfg, collected, with_report)
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        (out_dir / "true").mkdir(parents=True, exist_ok=True)
-        pred_masks = np.lib.format.open_memmap(out_dir / ".masks.npy.partial", "w+", np.int32, shape)
-        true_masks = np.lib.format.open_memmap(out_dir / "true" / ".masks.npy.partial", "w+",
-                                               np.int32, shape)
-    else:
-        pred_masks = np.zeros(shape, np.int32)
-        true_masks = np.zeros(shape, np.int32)
-    if protocol == "tsfd":
-        from tsfd_jax.postprocess import rebuild_tsfd_ground_truth
-        rebuilt = np.zeros(shape, np.int32)
-    elif protocol != "official":
-        raise ValueError(f"unknown evaluation protocol {protocol!r} (official | tsfd)")
-    # Per-image results go to the image's source position: under several processes the images
-    # arrive interleaved (each process's shard in turn), and the outputs stay in source order.
-    types, keys, tissue_true, tissue_prob = ([None] * n_total for _ in range(4))
-    pr_scores, pr_labels = [], []
-    true_inst, pred_inst = [None] * n_total, [None] * n_total
-    examples: list[dict] = []
-    loss_sum = dice_sum = 0.0
-    timings = {"device_s": 0.0, "postprocess_s": 0.0}
-    rng = np.random.default_rng(0)
-
-    def device_stream():
-        nonlocal loss_sum, dice_sum
-        t = time.perf_counter()
-        for host, out in predict_batches(cfg, variables, source, mesh=mesh,
-                                         max_images=max_images, eval_fn=eval_fn):
-            timings["device_s"] += time.perf_counter() - t
-            n = out["num_valid"]
-            loss_sum += float(out["loss"]) * n
-            dice_sum += float(out["dice"]) * n
-            yield host, out
-            t = time.perf_counter()
-
-    i = 0
-    pending_hosts: list[dict] = []
-
-    def seg_stream():
-        for host, out in device_stream():
-            pending_hosts.append((host, out))
-            yield out["seg_prob"], out["boundary_prob"]
-
-    t_pp = time.perf_counter()
-    for results in postprocess_stream(seg_stream(), cfg.postprocess, workers):
-        host, out = pending_hosts.pop(0)
-        for j, inst in enumerate(results):
-            k = int(host["index"][j])
-            pred_masks[k] = to_pannuke_layout(inst.inst, inst.classes, num_classes)
-            true_masks[k] = truth_layout(host["inst"][j], host["cls"][j], num_classes)
-            if protocol == "tsfd":
-                # Ground truth rebuilt the authors' way (docs/evaluation.md), for comparison only.
-                gt = rebuild_tsfd_ground_truth(
-                    host["inst"][j], host["cls"][j], cfg.postprocess, num_classes=num_classes,
-                    frame_width=int(cfg.targets.frame_width))
-                rebuilt[k] = to_pannuke_layout(gt.inst, gt.classes, num_classes)
-            tissue = int(host["tissue"][j])
-            types[k] = tissue_names[tissue] if tissue < len(tissue_names) else str(tissue)
-            keys[k] = host["key"][j] if "key" in host else str(k)
-            tissue_true[k] = tissue
-            if "tissue_prob" in out:
-                tissue_prob[k] = out["tissue_prob"][j]
-            true_inst[k] = instances_from_pannuke(true_masks[k])
-            pred_inst[k] = instances_from_pannuke(pred_masks[k])
-            if with_report and len(examples) < OVERLAY_EXAMPLES:
-                examples.append({"image": np.asarray(host["image"][j]), "true": true_masks[k].copy(),
-                                 "pred": pred_masks[k].copy()})
-            flat_p = out["seg_prob"][j].reshape(-1, num_classes + 1)
-            pick = rng.choice(len(flat_p), min(PR_PIXELS_PER_IMAGE, len(flat_p)), replace=False)
-            pr_scores.append(flat_p[pick])
-            pr_labels.append(np.asarray(host["cls"][j]).reshape(-1)[pick])
-            i += 1
-    timings["postprocess_s"] = time.perf_counter() - t_pp - timings["device_s"]
-    n = i
-    if n != n_total:
-        raise RuntimeError(f"evaluated {n} images, expected {n_total}")
-    types_arr = np.asarray(types, dtype=str)
-
-    t = time.perf_counter()
-    # Without tissue labels (CoNSeP, image folders) every image is one tissue, "all".
-    pq_types, pq_tissues = (types_arr, tissue_names) if tissue_names else (None, None)
-    pq = pannuke_pq(true_masks, pred_masks, pq_types, class_names=class_names,
-                    tissue_names=pq_tissues, match_iou=float(cfg.eval.match_iou))
-    det = detection_stats(true_inst, pred_inst, radius=float(cfg.eval.detection_radius),
-                          num_classes=num_classes, class_names=class_names)
-    timings["metrics_s"] = time.perf_counter() - t
-    flat: dict[str, Any] = {"images": n, "mPQ": pq["mPQ"], "bPQ": pq["bPQ"],
-                            "loss": loss_sum / max(n, 1), "dice": dice_sum / max(n, 1),
-                            "det_F1": det["F1d"]}
-    tissue = None
-    if n and tissue_prob[0] is not None:
-        tissue = tissue_stats(np.asarray(tissue_true), np.stack(tissue_prob).argmax(-1),
-                              tissue_names)
-        flat["tissue_accuracy"] = tissue["accuracy"]
-    if protocol == "tsfd":
-        pq_tsfd = pannuke_pq(rebuilt[:n], pred_masks, pq_types, class_names=class_names,
-                             tissue_names=pq_tissues, match_iou=float(cfg.eval.match_iou))
-        flat["mPQ_tsfd_protocol"], flat["bPQ_tsfd_protocol"] = pq_tsfd["mPQ"], pq_tsfd["bPQ"]
-    if out_dir is not None:
-        _finish_masks(out_dir, pred_masks, true_masks, types_arr)
-    if not with_report:
-        return flat
-    report = {"summary": flat, "pq": pq, "detection": det, "tissue": tissue,
-              "timings": {**timings, "images_per_s": n / max(sum(timings.values()), 1e-9)},
-              "keys": keys, "examples": examples,
-              "pr": {"scores": np.concatenate(pr_scores) if pr_scores else np.zeros((0,)),
-                     "labels": np.concatenate(pr_labels) if pr_labels else np.zeros((0,))},
-              "class_names": list(class_names), "tissue_names": list(tissue_names)}
-    if protocol == "tsfd":
-        report["pq_tsfd_protocol"] = pq_tsfd
-    return report
+        _finish_masks(out_dir, collected.pred_masks, collected.true_masks,
+                      np.asarray(collected.types, dtype=str))
+    return result
 
 
 def truth_layout(inst: np.ndarray, cls: np.ndarray, num_classes: int) -> np.ndarray:
     """Prepared ground truth (inst, cls) -> PanNuke layout; class of an instance = its label."""
-    from tsfd_jax.postprocess import to_pannuke_layout
-
     inst = np.asarray(inst)
     k = int(inst.max()) if inst.size else 0
     classes = np.zeros(k, np.int32)
@@ -249,7 +282,6 @@ def truth_layout(inst: np.ndarray, cls: np.ndarray, num_classes: int) -> np.ndar
 
 
 def _finish_masks(out_dir: Path, pred, true, types) -> None:
-    import os
     for arr in (pred, true):
         if isinstance(arr, np.memmap):
             arr.flush()
