@@ -59,7 +59,7 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 from scipy import ndimage as ndi
 
-from tsfd_jax import exports
+from tsfd_jax import atomic, exports
 from tsfd_jax.errors import UserError
 from tsfd_jax.postprocess import postprocess_stream
 from tsfd_jax.predict import (MPP_TOLERANCE, PredictFn, Stitcher, _cores, default_overlap,
@@ -516,11 +516,12 @@ class _RowBand:
         if shift <= 0:
             return
         n = len(self.buf)
-        if shift < n:
-            self.buf[:n - shift] = self.buf[shift:]
-            self.buf[n - shift:] = 0
-        else:
-            self.buf[:] = 0
+        # In blocks of ``shift`` rows, which never overlap: one assignment of overlapping rows
+        # would make numpy copy them all to a temporary first (the band's size again).
+        for r in range(0, n - shift, shift):
+            k = min(shift, n - shift - r)
+            self.buf[r:r + k] = self.buf[r + shift:r + shift + k]
+        self.buf[max(n - shift, 0):] = 0
         self.top = top
 
 
@@ -719,21 +720,6 @@ def slide_status(out_dir: str | Path, stem: str, job: dict, overwrite: bool) -> 
     return "fresh"
 
 
-def _png_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class _Prefetch:
     """Runs an iterator in a thread, ``depth`` items ahead (tile reading beside the model)."""
 
@@ -859,7 +845,7 @@ class _SlideRun:
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         (self.dir / "job.json").write_text(json.dumps(self.job, indent=1, sort_keys=True))
-        _write_atomic(self.dir / "tissue.png", _png_bytes(self.tissue.mask.astype(np.uint8) * 255))
+        atomic.save_png(self.dir / "tissue.png", self.tissue.mask.astype(np.uint8) * 255)
         header = io.StringIO()
         csv.writer(header, lineterminator="\n").writerow(self.csv_header())
         (self.dir / self.geojson_part.name).write_text(exports.GEOJSON_HEAD, encoding="utf-8")
@@ -883,6 +869,9 @@ class _SlideRun:
             mask = np.asarray(im) > 0
         self.tissue = TissueMask(mask, self.tissue.scale, self.state["tissue_source"])
         for part, key in ((self.geojson_part, "geojson_bytes"), (self.csv_part, "csv_bytes")):
+            if part.stat().st_size < self.state[key]:  # synced before the state: never, unless
+                raise UserError(f"{self.dir}: the unfinished run is damaged ({part.name} is "
+                                f"shorter than recorded); pass --overwrite to start again")
             with open(part, "r+b") as f:  # drop what a killed run wrote after its last state
                 f.truncate(self.state[key])
         if self.state["carry"]:
@@ -891,8 +880,8 @@ class _SlideRun:
                 self.stitch.restore(dict(carry), y_next)
 
     def _save_state(self) -> None:
-        _write_atomic(self.dir / "state.json",
-                      json.dumps(self.state, indent=1, sort_keys=True).encode())
+        atomic.write_bytes(self.dir / "state.json", json.dumps(self.state, indent=1,
+                                                               sort_keys=True))
 
     def _commit_row(self, done: list[FinishedNucleus]) -> None:
         """Append the row's finished nuclei, sync, then record the row (in that order: a kill
@@ -1038,9 +1027,8 @@ class _SlideRun:
             f.write(exports.GEOJSON_TAIL.encode("utf-8"))
         with open(self.csv_part, "r+b") as f:
             f.truncate(self.state["csv_bytes"])
-        _write_atomic(self.dir / "overlay.png", _png_bytes(self.overlay()))
-        _write_atomic(self.dir / "summary.json",
-                      json.dumps(self.summary(), indent=1).encode() + b"\n")
+        atomic.save_png(self.dir / "overlay.png", self.overlay())
+        atomic.write_json(self.dir / "summary.json", self.summary())
         self.state["finalized"] = True
         self._save_state()
 
