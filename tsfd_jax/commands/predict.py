@@ -44,8 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="slides: a picture of the slide (any size, same aspect ratio; non-zero "
                         "= tissue) used instead of tissue detection (one slide only)")
     p.add_argument("--shard", default=None, metavar="K/N",
-                   help="process only inputs K, K + N, K + 2N, ... of the sorted list "
-                        "(0 <= K < N), e.g. K = $SLURM_ARRAY_TASK_ID")
+                   help="process only inputs K, K + N, K + 2N, ... (0 <= K < N) of the "
+                        "folder's sorted files or the list's lines, e.g. K = "
+                        "$SLURM_ARRAY_TASK_ID")
     p.add_argument("--distributed", action="store_true",
                    help="start jax.distributed; every process takes its own share of the inputs")
     p.add_argument("--tile", type=int, default=None,
@@ -59,7 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run JAX on this platform (default: JAX's choice)")
     p.add_argument("--format", choices=("npy", "tif"), default="npy",
                    help="instance and class maps as .npy + .png or as .tif")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files; slides: also restart an unfinished run "
+                        "made with other arguments")
     p.add_argument("--untuned", action="store_true",
                    help="the config's post-processing, not the workdir's tuned postprocess.json")
 
