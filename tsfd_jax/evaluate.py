@@ -18,10 +18,14 @@ import jax
 import numpy as np
 
 from tsfd_jax import atomic, parallel
+from tsfd_jax.data.pipeline import eval_batches, to_global
 from tsfd_jax.metrics.detection import detection_stats, instances_from_pannuke
 from tsfd_jax.metrics.pq import pannuke_pq
 from tsfd_jax.metrics.tissue import tissue_stats
+from tsfd_jax.models.tsfd import build_model
+from tsfd_jax.ops.preprocess import make_preprocess_fn
 from tsfd_jax.postprocess import postprocess_stream, rebuild_tsfd_ground_truth, to_pannuke_layout
+from tsfd_jax.train import make_eval_step
 
 # Pixels sampled per image for the per-class precision-recall curves.
 PR_PIXELS_PER_IMAGE = 256
@@ -61,10 +65,6 @@ def gather_host_batch(batch: dict) -> dict:
 def make_eval_fn(cfg, mesh):
     """The jitted eval step of ``cfg`` over ``mesh``: build it once per run and pass it to every
     ``evaluate_source`` / ``predict_batches`` call, so validation compiles once."""
-    from tsfd_jax.models.tsfd import build_model
-    from tsfd_jax.ops.preprocess import make_preprocess_fn
-    from tsfd_jax.train import make_eval_step
-
     repl = parallel.replicated(mesh)
     return jax.jit(make_eval_step(cfg, build_model(cfg), make_preprocess_fn(cfg)),
                    in_shardings=(repl, parallel.batch_sharded(mesh)), out_shardings=repl)
@@ -74,8 +74,6 @@ def predict_batches(cfg, variables: dict, source, *, mesh=None, max_images: int 
                     eval_fn=None) -> Iterator[tuple[dict, dict]]:
     """Yield (host batch, host outputs) with probabilities, only valid examples kept;
     ``eval_fn`` from ``make_eval_fn(cfg, mesh)`` (built here when not given)."""
-    from tsfd_jax.data.pipeline import eval_batches, to_global
-
     mesh = mesh or parallel.make_mesh(tuple(cfg.mesh.axes))
     step = eval_fn or make_eval_fn(cfg, mesh)
     variables = jax.device_put(variables, parallel.replicated(mesh))

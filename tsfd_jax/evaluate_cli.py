@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
 import jax
 import ml_collections
 
+from tsfd_jax.checkpoints import restore_variables
+from tsfd_jax.configs_cli import apply_override, split_overrides
+from tsfd_jax.data.folders import is_labelled_folder
+from tsfd_jax.data.resolve import eval_source, load_eval_split
 from tsfd_jax.errors import UserError
-from tsfd_jax.tune import load_tuned
+from tsfd_jax.evaluate import evaluate_source
+from tsfd_jax.evaluate_images import evaluate_folder, write_folder_report
+from tsfd_jax.postprocess import PostprocessParams
+from tsfd_jax.predict import make_predict_fn
+from tsfd_jax.report import write_report
+from tsfd_jax.tune import collect, load_tuned, save_tuned, search, tuned_metric
 
 
 # Fields added to the config after runs were trained, with the value that reproduces what those
@@ -44,12 +54,6 @@ def tune_workdir(workdir: str | Path, checkpoint: str = "last", max_images: int 
                  workers: int | None = None) -> dict:
     """Tune the post-processing on the run's validation split (tune.py), starting from the
     config's settings; writes ``<workdir>/postprocess.json`` and returns the settings."""
-    import dataclasses
-
-    from tsfd_jax.checkpoints import restore_variables
-    from tsfd_jax.data.resolve import load_eval_split
-    from tsfd_jax.tune import collect, save_tuned, search, tuned_metric
-
     workdir = Path(workdir)
     cfg = load_run_config(workdir, tuned=False)
     apply_eval_overrides(cfg, [])
@@ -59,7 +63,7 @@ def tune_workdir(workdir: str | Path, checkpoint: str = "last", max_images: int 
     data = collect(cfg, variables, source, max_images)
     metric = tuned_metric(cfg)
     best, tuned, untuned = search(cfg, data, metric, workers)
-    result = {"postprocess": dataclasses.asdict(best), "metric": metric,
+    result = {"postprocess": asdict(best), "metric": metric,
               "split": str(cfg.data.val_split), "images": int(len(data["seg"])),
               "checkpoint_step": step, "untuned": untuned, "tuned": tuned}
     path = save_tuned(workdir, result)
@@ -77,11 +81,6 @@ def apply_eval_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str
     Post-processing keys added since the run was trained take their defaults first, so an
     older workdir accepts every current switch.
     """
-    from dataclasses import asdict
-
-    from tsfd_jax.configs_cli import apply_override, split_overrides
-    from tsfd_jax.postprocess import PostprocessParams
-
     for section in EVAL_SECTIONS:
         if section not in cfg:
             cfg[section] = ml_collections.ConfigDict()
@@ -111,12 +110,6 @@ def evaluate_workdir(workdir: str | Path, *, checkpoint: str = "best", data: str
     tiled predictor (evaluate_images.py; ``merge``, ``binary`` and ``overlap`` apply there,
     and only there). Otherwise a
     prepared dataset or PanNuke folds, scored patch by patch (evaluate.py)."""
-    from tsfd_jax.checkpoints import restore_variables
-    from tsfd_jax.data.folders import is_labelled_folder
-    from tsfd_jax.data.resolve import eval_source
-    from tsfd_jax.evaluate import evaluate_source
-    from tsfd_jax.report import write_report
-
     workdir = Path(workdir)
     cfg = load_run_config(workdir, tuned=tuned)
     apply_eval_overrides(cfg, overrides)
@@ -164,9 +157,6 @@ def _fresh_output(out_dir: Path, overwrite: bool, writer: bool = True) -> Path:
 
 def _evaluate_folder(cfg, variables, step: int, data: str, out_dir: Path, partial: Path, *,
                      merge, binary, overlap, workers, max_images) -> Path:
-    from tsfd_jax.evaluate_images import evaluate_folder, write_report
-    from tsfd_jax.predict import make_predict_fn
-
     if jax.process_count() > 1:
         raise UserError("evaluate --data FOLDER runs on one process; start it without "
                         "jax.distributed")
@@ -175,7 +165,7 @@ def _evaluate_folder(cfg, variables, step: int, data: str, out_dir: Path, partia
                              binary=binary, overlap=overlap, max_images=max_images,
                              workers=int(cfg.data.num_workers) if workers is None else workers)
     report["checkpoint_step"] = step
-    write_report(report, partial, f"TSFD-Net whole-image evaluation: {Path(data).name}, "
+    write_folder_report(report, partial, f"TSFD-Net whole-image evaluation: {Path(data).name}, "
                                   f"checkpoint step {step}")
     partial.rename(out_dir)
     print(summary_table(report))

@@ -143,7 +143,7 @@ def evaluate_folder(cfg, predict_fn: Callable, folder: str | Path, out_dir: Path
     return report
 
 
-def write_report(report: dict[str, Any], out_dir: Path, title: str) -> None:
+def write_folder_report(report: dict[str, Any], out_dir: Path, title: str) -> None:
     """report.json and report.md (summary, per-class PQ and F1, per image) in ``out_dir``."""
     s = report["summary"]
     lines = [f"# {title}", "", "| metric | value |", "|---|---|"]

@@ -12,9 +12,19 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from tsfd_jax import checkpoints, parallel
+from tsfd_jax.data.pipeline import to_global, train_iterator
+from tsfd_jax.data.resolve import load_eval_split, load_train
 from tsfd_jax.errors import UserError
+from tsfd_jax.evaluate import evaluate_source, make_eval_fn
+from tsfd_jax.losses import check_loss_config
+from tsfd_jax.models.keras_weights import merge_backbone
+from tsfd_jax.models.tsfd import build_model
+from tsfd_jax.ops.preprocess import make_preprocess_fn
+from tsfd_jax.train import create_state, init_state, make_optimizer, make_train_step
+from tsfd_jax.writers import MetricWriter
 
 
 class TrainingDiverged(RuntimeError):
@@ -24,18 +34,6 @@ class TrainingDiverged(RuntimeError):
 def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
                        resume_anyway: bool = False, progress: bool = True) -> dict:
     """Train ``cfg`` in ``workdir``; returns the last logged and validation metrics."""
-    from tqdm import tqdm
-
-    from tsfd_jax.data.pipeline import to_global, train_iterator
-    from tsfd_jax.data.resolve import load_eval_split, load_train
-    from tsfd_jax.evaluate import make_eval_fn
-    from tsfd_jax.models.tsfd import build_model
-    from tsfd_jax.ops.preprocess import make_preprocess_fn
-    from tsfd_jax.train import create_state, init_state, make_optimizer, make_train_step
-    from tsfd_jax.writers import MetricWriter
-
-    from tsfd_jax.losses import check_loss_config
-
     workdir = Path(workdir)
     check_loss_config(cfg.loss)  # a bad loss name fails before anything is compiled
     # ---- multi-host and workdir ----------------------------------------------------------
@@ -147,8 +145,6 @@ def _summarise(metrics: list[dict]) -> dict:
 
 def _validate(cfg, source, state, mesh, eval_fn) -> dict:
     """Metrics of ``state`` on the validation source (``cfg`` at its evaluation size)."""
-    from tsfd_jax.evaluate import evaluate_source
-
     result = evaluate_source(cfg, state.variables(), source, mesh=mesh,
                              max_images=int(cfg.eval_max_images) or None, with_report=False,
                              eval_fn=eval_fn)
@@ -156,8 +152,6 @@ def _validate(cfg, source, state, mesh, eval_fn) -> dict:
 
 
 def _load_init_checkpoint(state, path: str, sharding):
-    from tsfd_jax.models.keras_weights import merge_backbone
-
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: model.init_checkpoint does not exist")
