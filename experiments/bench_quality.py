@@ -8,7 +8,9 @@ Equal budget: each config's train step is timed first (compile excluded) and its
 cosine) is then run, so no run is cut off mid-schedule.
 
 Datasets: ``synthetic`` (PanNuke-format folds written by data/synthetic.py at the configs'
-``data.image_size``; ``--image-size`` changes it for every run) and ``consep`` (the folder of
+``data.synth_image_size``, 256 px for the demo-size configs, which train on random crops of
+``data.image_size`` and are evaluated on the whole patches; ``--image-size`` sets both for every
+run) and ``consep`` (the folder of
 CoNSeP tiles given by ``--data``: ``--test-fraction`` of the source images held out as the test
 set, the rest split into train and validation by the config as configs/consep.py does). The
 post-processing is tuned on the validation split and scored on the test split.
@@ -131,7 +133,7 @@ def main() -> None:
     p.add_argument("--data", default="", help="dataset folder (consep: the tiles folder)")
     p.add_argument("--image-size", type=int, default=0,
                    help="synthetic: patch size of every run (default: each config's own)")
-    p.add_argument("--images-per-fold", type=int, default=320, help="synthetic images per fold")
+    p.add_argument("--images-per-fold", type=int, default=128, help="synthetic images per fold")
     p.add_argument("--run", action="append", default=[],
                    help="NAME:CONFIG[:variant] [--config.k=v ...] (repeatable; default: the "
                         "reference UNet and the CPU-sized TSFD-Net of the dataset)")
@@ -165,8 +167,11 @@ def main() -> None:
                 ratio = int(cfg.input.size) / int(cfg.data.image_size)
                 cfg.data.image_size = args.image_size
                 cfg.input.size = int(round(args.image_size * ratio))
+            # PanNuke-size patches where the config says so (the demo's: 256 px, cropped).
+            size = args.image_size or int(cfg.data.get("synth_image_size", 0)
+                                          or cfg.data.image_size)
             cfg.data.root = str(args.data or prepare_synthetic(
-                root, int(cfg.data.image_size), args.images_per_fold, int(cfg.seed)))
+                root, size, args.images_per_fold, int(cfg.seed)))
             # Tuning needs a validation fold that is not the test fold.
             cfg.data.train_split, cfg.data.val_split, cfg.data.test_split = SYNTHETIC_SPLITS
             test_data, test_split = "", ""

@@ -59,6 +59,7 @@ def tune_workdir(workdir: str | Path, checkpoint: str = "last", max_images: int 
     apply_eval_overrides(cfg, [])
     variables, step = restore_variables(workdir, checkpoint)
     cfg, source = load_eval_split(cfg, workdir, "val")
+    max_images = max_images or int(cfg.eval.get("tune_max_images", 0)) or None
     workers = int(cfg.data.num_workers) if workers is None else workers
     data = collect(cfg, variables, source, max_images)
     metric = tuned_metric(cfg)

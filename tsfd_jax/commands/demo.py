@@ -33,8 +33,9 @@ def run(args) -> int:
     n = args.images_per_fold or int(cfg.data.get("synth_images_per_fold", 100))
     synthetic = out / "synthetic"
     print(f"[1/5] synthetic PanNuke folds -> {synthetic}")
+    # Whole PanNuke-size patches; training crops them to data.image_size (docs/data.md).
     write_pannuke(synthetic, num_images=n, seed=int(cfg.seed), folds=3,
-                  image_size=int(cfg.data.image_size))
+                  image_size=int(cfg.data.get("synth_image_size", 0) or cfg.data.image_size))
     cfg.data.root = str(synthetic)
     cfg.data.prepared_dir = str(out / "prepared")
 
