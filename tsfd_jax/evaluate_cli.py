@@ -51,12 +51,13 @@ def load_run_config(workdir: Path, tuned: bool = True) -> ml_collections.ConfigD
 
 
 def tune_workdir(workdir: str | Path, checkpoint: str = "last", max_images: int | None = None,
-                 workers: int | None = None) -> dict:
+                 workers: int | None = None, overrides: Sequence[str] = ()) -> dict:
     """Tune the post-processing on the run's validation split (tune.py), starting from the
-    config's settings; writes ``<workdir>/postprocess.json`` and returns the settings."""
+    config's settings (with ``overrides``, as ``evaluate_workdir`` takes them); writes
+    ``<workdir>/postprocess.json`` and returns the settings."""
     workdir = Path(workdir)
     cfg = load_run_config(workdir, tuned=False)
-    apply_eval_overrides(cfg, [])
+    apply_eval_overrides(cfg, overrides)
     variables, step = restore_variables(workdir, checkpoint)
     cfg, source = load_eval_split(cfg, workdir, "val")
     max_images = max_images or int(cfg.eval.get("tune_max_images", 0)) or None

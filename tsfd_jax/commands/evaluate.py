@@ -51,7 +51,8 @@ def run(args) -> int:
     from tsfd_jax.evaluate_cli import evaluate_workdir, tune_workdir
 
     if args.tune:
-        tune_workdir(args.workdir, checkpoint=args.checkpoint, workers=args.workers)
+        tune_workdir(args.workdir, checkpoint=args.checkpoint, workers=args.workers,
+                     overrides=args.config_overrides)
     out = evaluate_workdir(args.workdir, checkpoint=args.checkpoint, data=args.data,
                            split=args.split, name=args.name, protocol=args.protocol,
                            workers=args.workers, max_images=args.max_images or None,
