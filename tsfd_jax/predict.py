@@ -361,7 +361,7 @@ def resample_image(image: np.ndarray, factor: float, scratch_dir: str | None = N
 
     H, W = image.shape[:2]
     H2, W2 = max(int(round(H * factor)), 1), max(int(round(W * factor)), 1)
-    fy, fx = H2 / H, W2 / W
+    fy = H2 / H
     out = _empty_map((H2, W2, 3), np.uint8, scratch_dir)
     support = int(np.ceil(max(1.0, 1.0 / fy))) + 2
     for r0 in range(0, H2, _STRIPE):
@@ -472,10 +472,12 @@ def _inputs_fn(cfg) -> Callable:
 def check_tile(cfg, tile: int | None = None, overlap: int | None = None) -> int:
     """The tile size (default ``cfg.data.image_size``), checked with the overlap: UserError when
     the network input it needs (tile x input.size / image_size) is not a multiple of 32."""
+    from tsfd_jax.ops.preprocess import input_size_at
+
     label = int(cfg.data.image_size)
     size = int(cfg.input.size)
     tile = int(tile or label)
-    if tile < 8 or (tile * size) % label or ((tile * size) // label) % 32:
+    if tile < 8 or input_size_at(cfg, tile) is None:
         step = 32 * label // np.gcd(size, 32 * label)
         raise UserError(f"--tile {tile}: the network input (tile x {size}/{label}) must be a "
                         f"multiple of 32 pixels; use a multiple of {step}")
@@ -492,17 +494,13 @@ def make_predict_fn(cfg, variables: dict, tile: int | None = None) -> PredictFn:
     """
     import jax
     import jax.numpy as jnp
-    import ml_collections
 
     from tsfd_jax.models.tsfd import build_model
+    from tsfd_jax.ops.preprocess import at_label_size
     from tsfd_jax.train import resize_to_labels
 
     tile = check_tile(cfg, tile)
-    label = int(cfg.data.image_size)
-    size = int(cfg.input.size)
-    tcfg = ml_collections.ConfigDict(cfg.to_dict())
-    tcfg.data.image_size = tile
-    tcfg.input.size = tile * size // label
+    tcfg = at_label_size(cfg, tile)
     model = build_model(tcfg)
     to_inputs = _inputs_fn(tcfg)
 
