@@ -146,8 +146,8 @@ def main() -> None:
     args = p.parse_args()
 
     from tsfd_jax import compilation_cache
-    from tsfd_jax.configs_cli import load_config
-    from tsfd_jax.evaluate_cli import evaluate_workdir, tune_workdir
+    from tsfd_jax.config_files import load_config
+    from tsfd_jax.evaluate_run import evaluate_workdir, tune_workdir
 
     compilation_cache.enable()
     root = Path(args.workdir)

@@ -85,7 +85,7 @@ def bench_step(cfg, batch: int, label_size: int, warmup: int, iters: int) -> dic
     from tsfd_jax.data.pipeline import to_global
     from tsfd_jax.models.tsfd import build_model
     from tsfd_jax.ops.preprocess import make_preprocess_fn
-    from tsfd_jax.train import init_state, make_optimizer, make_train_step
+    from tsfd_jax.steps import init_state, make_optimizer, make_train_step
 
     mesh = parallel.make_mesh(("data",))
     parallel.check_batch_size(batch, mesh)
@@ -142,7 +142,7 @@ def breakdown(cfg, iters: int = 10) -> list[tuple[str, float]]:
     from tsfd_jax.losses import tsfd_loss
     from tsfd_jax.models.tsfd import build_model
     from tsfd_jax.ops.preprocess import make_preprocess_fn
-    from tsfd_jax.train import create_state, make_optimizer, make_train_step, resize_to_labels
+    from tsfd_jax.steps import create_state, make_optimizer, make_train_step, resize_to_labels
 
     batch = int(cfg.data.global_batch_size)
     host = synthetic_batch(batch, int(cfg.data.image_size), max(len(cfg.data.tissue_names), 2))
@@ -219,7 +219,7 @@ def main() -> None:
     import jax
 
     from configs import default, tiny
-    from tsfd_jax.configs_cli import load_config
+    from tsfd_jax.config_files import load_config
     from tsfd_jax.models.layers import depthwise_impl_for
 
     info = machine()

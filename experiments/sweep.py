@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tsfd_jax.configs_cli import (import_config_module, load_config,  # noqa: E402
+from tsfd_jax.config_files import (import_config_module, load_config,  # noqa: E402
                                   split_overrides)
 from tsfd_jax.errors import UserError  # noqa: E402
 
@@ -104,7 +104,7 @@ def load_sweep(spec: str) -> list[dict]:
 
 
 def _raw(value) -> str:
-    """Python value -> the text ``configs_cli.parse_value`` reads back as that value."""
+    """Python value -> the text ``config_files.parse_value`` reads back as that value."""
     return value if isinstance(value, str) else repr(value)
 
 

@@ -2,7 +2,7 @@
 
 Reads every run folder under ``--root`` named as experiments/sweep.py names them
 (``<config stem>[-<variant>]-seed<k>``) that holds ``eval/<eval name>/report.json``
-(tsfd_jax/evaluate_cli.py). Tables 4-7 (ablations, PAPER §5): one row per variant of
+(tsfd_jax/evaluate_run.py). Tables 4-7 (ablations, PAPER §5): one row per variant of
 configs/ablation_{blocks,inputs,losses,resolution}.py, mPQ and bPQ. Tables 8-10 (TSFD-Net,
 PAPER §5): runs of the paper model (configs/default.py and the paper row of every ablation
 table, each workdir counted once): PQ per tissue (8), PQ per class (9), detection and

@@ -29,7 +29,7 @@ from tsfd_jax import parallel
 from tsfd_jax.data.pipeline import to_global  # noqa: E402
 from tsfd_jax.models.tsfd import build_model  # noqa: E402
 from tsfd_jax.ops.preprocess import make_preprocess_fn  # noqa: E402
-from tsfd_jax.train import init_state, make_optimizer, make_train_step  # noqa: E402
+from tsfd_jax.steps import init_state, make_optimizer, make_train_step  # noqa: E402
 
 GLOBAL_BATCH, STEPS = 8, 3
 cfg = tiny_config(batch=GLOBAL_BATCH)

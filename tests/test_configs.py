@@ -25,7 +25,7 @@ import pytest
 from configs import consep, default, tiny
 from tests.train_utils import disc_batch
 from tsfd_jax import paper
-from tsfd_jax.configs_cli import load_config
+from tsfd_jax.config_files import load_config
 from tsfd_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,7 +268,7 @@ def _random_state(cfg, model, tx, seed: int = 0):
     """A train state from numpy random variables: running the initialisers would compile them."""
     from tsfd_jax.models.summary import abstract_variables
     from tsfd_jax.models.tsfd import input_shape
-    from tsfd_jax.train import TrainState
+    from tsfd_jax.steps import TrainState
 
     abstract = abstract_variables(model, input_shape(cfg))
     rng = np.random.default_rng(seed)
@@ -291,7 +291,7 @@ def _random_state(cfg, model, tx, seed: int = 0):
 def _step_parts(names):
     from tsfd_jax.models.tsfd import build_model
     from tsfd_jax.ops.preprocess import make_preprocess_fn
-    from tsfd_jax.train import create_state, make_optimizer, make_train_step
+    from tsfd_jax.steps import create_state, make_optimizer, make_train_step
 
     cfg = shrunk(_all_configs()[names[0]])
     cfg.optim.warmup_steps = 0  # the learning rate of step 0 is the peak, not 0
@@ -315,7 +315,7 @@ def test_model_and_loss_trace_per_structure(names):
 
     from tsfd_jax.losses import tsfd_loss
     from tsfd_jax.ops.preprocess import make_preprocess_fn
-    from tsfd_jax.train import resize_to_labels
+    from tsfd_jax.steps import resize_to_labels
 
     cfg, model, tx, batch, step, abstract = _step_parts(names)
     params = flax.traverse_util.flatten_dict(abstract.params)

@@ -188,7 +188,7 @@ def test_eval_view_whole_images_when_one_size_else_a_covering_grid(tmp_path):
 
 
 def test_the_loop_trains_on_mixed_sizes_and_evaluates_on_tiles(tmp_path):
-    from tsfd_jax.evaluate_cli import evaluate_workdir
+    from tsfd_jax.evaluate_run import evaluate_workdir
     from tsfd_jax.loop import train_and_evaluate
 
     root = _write_folder(tmp_path / "mixed", {"a_1": (48, 40), "b_1": (40, 72), "c_1": (33, 36),

@@ -18,7 +18,7 @@ from tests.test_predict import make_tiny_workdir
 from tsfd_jax.constants import PANNUKE_CLASSES
 from tsfd_jax.errors import UserError
 from tsfd_jax.evaluate import truth_layout
-from tsfd_jax.evaluate_cli import evaluate_workdir
+from tsfd_jax.evaluate_run import evaluate_workdir
 from tsfd_jax.metrics.detection import centroids_from_instances, detection_stats
 from tsfd_jax.postprocess import to_pannuke_layout
 

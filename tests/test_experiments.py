@@ -52,7 +52,7 @@ class FakeExecutor:
 
 
 def report(mpq: float, bpq: float | None = None, tissues=("Breast", "Colon")) -> dict:
-    """A report.json as evaluate_cli writes it (the keys the tables read)."""
+    """A report.json as evaluate_run writes it (the keys the tables read)."""
     bpq = mpq + 0.1 if bpq is None else bpq
     return {
         "summary": {"images": 10, "mPQ": mpq, "bPQ": bpq, "det_F1": mpq + 0.3},

@@ -119,7 +119,7 @@ def test_inst_map_only_is_one_class(tmp_path):
 
 
 def test_merge_changes_the_fingerprint_and_the_command(tmp_path, capsys):
-    from tsfd_jax.main import main
+    from tsfd_jax.cli import main
 
     d = write_mat_folder(tmp_path / "mat", synthetic_items(), classes=folders_lib.CONSEP_CLASSES)
     assert "merge" not in plan_folders([d]).options  # unchanged for folders prepared before

@@ -18,7 +18,7 @@ from keras.src.applications.efficientnet import EfficientNet as KerasEfficientNe
 from keras.src.legacy.saving import legacy_h5_format  # noqa: E402
 
 from tsfd_jax.errors import UserError  # noqa: E402
-from tsfd_jax.main import main  # noqa: E402
+from tsfd_jax.cli import main  # noqa: E402
 from tsfd_jax.models.efficientnet import (  # noqa: E402
     EfficientNet,
     block_specs,

@@ -9,7 +9,7 @@ import pytest
 
 from configs import tiny
 from tsfd_jax.data.synthetic import write_pannuke
-from tsfd_jax.evaluate_cli import evaluate_workdir, load_run_config, tune_workdir
+from tsfd_jax.evaluate_run import evaluate_workdir, load_run_config, tune_workdir
 from tsfd_jax.loop import train_and_evaluate
 
 

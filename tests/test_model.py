@@ -522,7 +522,7 @@ def test_xla_flops_scale_with_pixels_and_backward_costs_more():
 
 
 def test_summary_command_prints_parts_and_flops(capsys):
-    from tsfd_jax.main import main
+    from tsfd_jax.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["summary", "--config", str(ROOT / "configs" / "tiny.py"),
@@ -540,7 +540,7 @@ def test_summary_command_prints_parts_and_flops(capsys):
 
 
 def test_load_config_applies_typed_overrides():
-    from tsfd_jax.configs_cli import load_config
+    from tsfd_jax.config_files import load_config
 
     cfg = load_config(DEFAULT + ":fold2", [
         "--config.model.num_bifpn=2", "--config.model.seg_third_term", "False",
@@ -561,14 +561,14 @@ def test_load_config_applies_typed_overrides():
     (["--config.model.tissue_head=1"], "expected bool"),
 ])
 def test_load_config_rejects_bad_overrides(args, message):
-    from tsfd_jax.configs_cli import load_config
+    from tsfd_jax.config_files import load_config
 
     with pytest.raises(UserError, match=message):
         load_config(DEFAULT, args)
 
 
 def test_load_config_rejects_missing_files_and_variants(tmp_path):
-    from tsfd_jax.configs_cli import load_config
+    from tsfd_jax.config_files import load_config
 
     with pytest.raises(UserError, match="not found"):
         load_config(str(tmp_path / "nope.py"))

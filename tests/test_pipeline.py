@@ -247,7 +247,7 @@ def test_show_batch_writes_the_picture_and_refuses_to_overwrite(prepared_dir, tm
     from PIL import Image
 
     from tsfd_jax.commands import show_batch
-    from tsfd_jax.main import main
+    from tsfd_jax.cli import main
 
     out = tmp_path / "batch.png"
     argv = ["show-batch", "--data", str(prepared_dir), "--split", "fold1", "--num", "2",

@@ -263,7 +263,7 @@ def test_rejects_bad_inputs():
 # ---- the command -------------------------------------------------------------------------------
 
 def _run_cli(argv):
-    from tsfd_jax.main import main
+    from tsfd_jax.cli import main
     with pytest.raises(SystemExit) as e:
         main(argv)
     return e.value.code

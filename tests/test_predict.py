@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from tsfd_jax import predict as P
-from tsfd_jax.main import main
+from tsfd_jax.cli import main
 from tsfd_jax.metrics.pq import get_fast_pq
 from tsfd_jax.postprocess import postprocess
 
@@ -326,7 +326,7 @@ def make_tiny_workdir(path: Path):
 
     from configs import tiny
     from tsfd_jax.models.tsfd import build_model
-    from tsfd_jax.train import input_shape
+    from tsfd_jax.steps import input_shape
 
     cfg = tiny.get_config()
     model = build_model(cfg)
@@ -368,7 +368,7 @@ def tiny_workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_model(tiny_workdir):
     from tsfd_jax.checkpoints import restore_variables
-    from tsfd_jax.evaluate_cli import load_run_config
+    from tsfd_jax.evaluate_run import load_run_config
 
     cfg = load_run_config(tiny_workdir)
     variables, step = restore_variables(tiny_workdir, "best")

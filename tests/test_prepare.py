@@ -470,7 +470,7 @@ def test_folder_split_options_checked(tmp_path):
 
 # ---- command line ----------------------------------------------------------------------------
 def test_prepare_command(pannuke_root, tmp_path, capsys):
-    from tsfd_jax.main import main
+    from tsfd_jax.cli import main
 
     out = tmp_path / "prep"
     with pytest.raises(SystemExit) as e:

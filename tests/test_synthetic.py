@@ -11,7 +11,7 @@ import skimage.measure
 from tsfd_jax import constants
 from tsfd_jax.data import synthetic
 from tsfd_jax.errors import UserError
-from tsfd_jax.main import main
+from tsfd_jax.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from tsfd_jax import parallel
 from tsfd_jax.data.pipeline import to_global
 from tsfd_jax.models.tsfd import build_model
 from tsfd_jax.ops.preprocess import make_preprocess_fn
-from tsfd_jax.train import (TrainState, fusion_kernel_mask, init_state, kernel_mask,
+from tsfd_jax.steps import (TrainState, fusion_kernel_mask, init_state, kernel_mask,
                             make_optimizer, make_schedule, make_train_step)
 
 

@@ -13,7 +13,7 @@ from tsfd_jax.data.pannuke import masks_to_instances
 from tsfd_jax.data.synthetic import generate
 from tsfd_jax.errors import UserError
 from tsfd_jax.evaluate import truth_layout
-from tsfd_jax.evaluate_cli import load_run_config
+from tsfd_jax.evaluate_run import load_run_config
 from tsfd_jax.ops.targets import boundaries
 from tsfd_jax.postprocess import PostprocessParams, postprocess
 from tsfd_jax.tune import TUNED_FILE, score, search

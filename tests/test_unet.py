@@ -11,7 +11,7 @@ import pytest
 from configs import baseline_unet, demo
 from tsfd_jax.models.tsfd import build_model
 from tsfd_jax.models.unet import UNet
-from tsfd_jax.train import make_optimizer
+from tsfd_jax.steps import make_optimizer
 
 
 def _count(tree) -> int:

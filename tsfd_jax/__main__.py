@@ -1,4 +1,4 @@
-from tsfd_jax.main import main
+from tsfd_jax.cli import main
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,7 @@ from tsfd_jax.losses import check_loss_config
 from tsfd_jax.models.keras_weights import merge_backbone
 from tsfd_jax.models.tsfd import build_model
 from tsfd_jax.ops.preprocess import make_preprocess_fn
-from tsfd_jax.train import create_state, init_state, make_optimizer, make_train_step
+from tsfd_jax.steps import create_state, init_state, make_optimizer, make_train_step
 from tsfd_jax.writers import MetricWriter
 
 

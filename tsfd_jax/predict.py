@@ -497,7 +497,7 @@ def make_predict_fn(cfg, variables: dict, tile: int | None = None) -> PredictFn:
 
     from tsfd_jax.models.tsfd import build_model
     from tsfd_jax.ops.preprocess import at_label_size
-    from tsfd_jax.train import resize_to_labels
+    from tsfd_jax.steps import resize_to_labels
 
     tile = check_tile(cfg, tile)
     tcfg = at_label_size(cfg, tile)

@@ -23,9 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from tsfd_jax.configs_cli import load_config
+    from tsfd_jax.config_files import load_config
     from tsfd_jax.data.synthetic import write_pannuke
-    from tsfd_jax.evaluate_cli import evaluate_workdir, tune_workdir
+    from tsfd_jax.evaluate_run import evaluate_workdir, tune_workdir
     from tsfd_jax.loop import train_and_evaluate
 
     out = Path(args.out)

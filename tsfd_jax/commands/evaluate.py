@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from tsfd_jax.evaluate_cli import evaluate_workdir, tune_workdir
+    from tsfd_jax.evaluate_run import evaluate_workdir, tune_workdir
 
     if args.tune:
         tune_workdir(args.workdir, checkpoint=args.checkpoint, workers=args.workers,

@@ -170,7 +170,7 @@ def run(args) -> int:
 
     from tsfd_jax.checkpoints import restore_variables
     from tsfd_jax.errors import UserError
-    from tsfd_jax.evaluate_cli import load_run_config
+    from tsfd_jax.evaluate_run import load_run_config
     from tsfd_jax.exports import check_targets, output_paths, write_outputs
     from tsfd_jax.image_io import image_info, read_image
     from tsfd_jax.parallel import initialize_distributed

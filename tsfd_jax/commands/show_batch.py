@@ -137,7 +137,7 @@ def write_png_atomic(image, out: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     import jax
 
-    from tsfd_jax.configs_cli import load_config
+    from tsfd_jax.config_files import load_config
     from tsfd_jax.data.pipeline import eval_batches
     from tsfd_jax.data.prepare import open_prepared
     from tsfd_jax.ops.preprocess import make_preprocess_fn

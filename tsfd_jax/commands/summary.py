@@ -11,7 +11,7 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tsfd_jax.configs_cli import add_config_arguments
+    from tsfd_jax.config_files import add_config_arguments
 
     add_config_arguments(p)
     p.add_argument("--size", type=int, default=0,
@@ -35,7 +35,7 @@ def format_table(counts: dict[str, int], flops: dict[str, float], size: int,
 
 
 def run(args) -> int:
-    from tsfd_jax.configs_cli import load_config
+    from tsfd_jax.config_files import load_config
     from tsfd_jax.models.summary import abstract_variables, count_params, xla_flops
     from tsfd_jax.models.tsfd import build_model, input_shape
     from tsfd_jax.errors import UserError

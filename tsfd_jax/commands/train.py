@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from tsfd_jax.configs_cli import load_config
+    from tsfd_jax.config_files import load_config
     from tsfd_jax.loop import TrainingDiverged, train_and_evaluate
 
     cfg = load_config(args.config, args.config_overrides)

@@ -23,7 +23,7 @@ import numpy as np
 from tsfd_jax.data.pipeline import TiledSource
 from tsfd_jax.data.prepare import COMPLETE, METADATA, PreparedDataset, open_prepared, prepare
 from tsfd_jax.data.sampling import MODES, image_labels, sampling_weights
-from tsfd_jax.data.splits import resolve_split
+from tsfd_jax.data.split_lists import resolve_split
 from tsfd_jax.errors import UserError
 from tsfd_jax.ops.preprocess import at_label_size, input_size_at
 from tsfd_jax.predict import tile_starts

@@ -12,7 +12,7 @@ import jax
 import ml_collections
 
 from tsfd_jax.checkpoints import restore_variables
-from tsfd_jax.configs_cli import apply_override, split_overrides
+from tsfd_jax.config_files import apply_override, split_overrides
 from tsfd_jax.data.folders import is_labelled_folder
 from tsfd_jax.data.resolve import eval_source, load_eval_split
 from tsfd_jax.errors import UserError

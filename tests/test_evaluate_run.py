@@ -9,8 +9,8 @@ import pytest
 
 from configs import default
 from tsfd_jax.errors import UserError
-from tsfd_jax.evaluate_cli import apply_eval_overrides, load_run_config
-from tsfd_jax.main import main
+from tsfd_jax.evaluate_run import apply_eval_overrides, load_run_config
+from tsfd_jax.cli import main
 from tsfd_jax.postprocess import PostprocessParams
 
 
