@@ -8,25 +8,25 @@ are drawn with ``seed``, so every seed validates on its own images). CoNSeP has 
 network is CBB (no tissue classifier, ``model.tissue_head=False``, ``data.tissue_names=()``).
 
 The default model is configs/demo.py's compound-scaled-down TSFD-Net (``demo.cpu_model``:
-EfficientNet widths / 4, one block per stage, C_GB = 32, 2 BiFPNs; 0.36 M parameters) at a 256
-input for the 256 labels: its logits are 128 x 128 and are resized bilinearly to the labels
-(docs/data.md). Changed from the paper, from the ablations at equal budget (docs/learning.md):
+EfficientNet widths / 4, one block per stage, C_GB = 32, 2 BiFPNs; 0.36 M parameters). It trains
+on random 128-px crops of the tiles (``data.image_size``) at the paper's x2 input (256), so its
+outputs (input / 2) are at the label size, and is validated on the whole 256-px tiles (a 512
+input). Changed from the paper, from the ablations at equal budget (docs/learning.md):
 ``demo.small_data_recipe`` (AdamW 2e-3 instead of SGD, 3 x BCE on the boundary instead of focal
 Tversky + Combo; the 'markers' post-processing with min_size 16, tuned on validation by
-``evaluate --tune``), BatchNorm momentum 0.9. The CoNSeP numbers of docs/learning.md were
-measured with cross-entropy for the classes too; the paper's class loss, kept here, did better
-on the synthetic demo.
+``evaluate --tune``), BatchNorm momentum 0.9. Measured at 10 minutes on held-out source images
+(docs/learning.md sections 4 and 6): the crops at the x2 input lift bPQ from 0.142 to 0.195 and
+mPQ from 0.084 to 0.101 over whole tiles at a 256 input (half-resolution outputs), at the same
+cost per step.
 
   python -m tsfd_jax train --config configs/consep.py --workdir runs/consep \
       --config.data.root ../shared/data/consep/train
   python -m tsfd_jax evaluate --workdir runs/consep --tune --name val
 
-Measured on the otherwise idle 2 CPU cores (2026-12-03): the whole train step (augmentation,
-stain channels, forward, backward, update) takes about 1.0 s per batch of 8; the 600 steps
-(about 14 epochs of the 336 training tiles) about 10-12 minutes, plus ~1 minute of compiling.
-At this budget the model is weak (bPQ 0.14 tuned on held-out images after 10 minutes, below the
-reference UNet: docs/learning.md); it is the starting point for measuring what helps on real
-data, not a usable CoNSeP model.
+Speed on the 2 CPU cores: about 1 s per train step of 8 crops; 600 steps about 10-12 minutes
+plus ~1 minute of compiling. At this budget the model is weak (bPQ ~0.2 tuned on held-out
+images, below the reference UNet's bPQ and far from HoVer-Net's: docs/learning.md, RESULTS.md);
+it is the starting point for measuring what helps on real data, not a usable CoNSeP model.
 
 Variant ``:paper`` is the paper's network (B4, C_GB = 160, 3 BiFPNs, 512 input, batch 16,
 150 epochs of the training tiles, 3-epoch warm-up) on the same data, for a GPU. The variants of
@@ -65,6 +65,10 @@ def get_config(arg: str | None = None):
     d.global_batch_size = 8
     d.eval_batch_size = 16
     d.num_workers = 0                # reading prepared records is cheap; workers cost start-up
+    # Random 128-px crops of the 256-px tiles at the paper's x2 input: outputs at the label
+    # size, the cost per step of a 256 input (docs/learning.md section 6); validation on the
+    # whole 256-px tiles (512 input).
+    d.image_size = 128
     c.input.size = 256
 
     demo.cpu_model(c)

@@ -186,9 +186,9 @@ def test_consep_config():
                                   "spindle-shaped")
     assert c.data.tissue_names == () and not c.model.tissue_head
     assert (c.data.train_split, c.data.val_split, c.data.test_split) == ("train", "val", "val")
-    assert c.data.image_size == 256 and c.input.size == 256
+    assert c.data.image_size == 128 and c.input.size == 256  # crops at the paper's x2 input
     p = consep.get_config("paper")
-    assert p.input.size == 512 and p.model.gating_channels == 160 and not p.model.tissue_head
+    assert p.data.image_size == 256 and p.input.size == 512 and p.model.gating_channels == 160 and not p.model.tissue_head
     assert p.total_steps == 150 * consep.TRAIN_TILES // 16
     with pytest.raises(ValueError, match="unknown variant"):
         consep.get_config("fold2")
@@ -197,7 +197,7 @@ def test_consep_config():
 def test_consep_config_fits_the_real_tiles(shared_data, tmp_path):
     """Classes as in the folder's classes.txt; the config's data prepare into train + val (whole
     source images) and pass the dataset/config compatibility check."""
-    from tsfd_jax.data.resolve import load_split, open_data
+    from tsfd_jax.data.resolve import load_eval_split, load_split, load_train, open_data
 
     src = shared_data / "consep" / "train"
     names = [s.strip() for s in (src / "classes.txt").read_text().splitlines() if s.strip()]
@@ -219,6 +219,10 @@ def test_consep_config_fits_the_real_tiles(shared_data, tmp_path):
     train, val = load_split(cfg, tmp_path / "run", "train"), load_split(cfg, tmp_path / "run", "val")
     assert len(train) == 16 and len(val) == 16
     assert len(load_split(cfg, tmp_path / "run", "test")) == 16
+    # 128-px crops for training; validation on the whole 256-px tiles at the x2 input
+    assert load_train(cfg, tmp_path / "run")[1] == 128
+    ecfg, vsrc = load_eval_split(cfg, tmp_path / "run", "val")
+    assert (ecfg.data.image_size, ecfg.input.size, len(vsrc)) == (256, 512, 16)
 
 
 # ---- one train step per model structure ------------------------------------------------------
