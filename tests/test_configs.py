@@ -263,9 +263,12 @@ STRUCTURES = _structures()
 
 def test_structures_are_grouped_as_expected():
     sizes = sorted(len(v) for v in STRUCTURES.values())
-    # exp1, exp2, exp4, exp5, rgb, rgb_he, res256, res768, consep, consep:paper alone; the paper
-    # model shared by exp3, exp6, rgb_her, drop_r, the six loss rows and res512.
-    assert len(STRUCTURES) == 11 and sizes[-1] == 11 and sizes[:-1] == [1] * 10
+    # exp1, exp2, exp4, exp5, rgb, rgb_he, res256, res768 alone; consep and consep:paper shrink
+    # to one structure (4 classes, no tissue head, the x2 input); the paper model shared by
+    # exp3, exp6, rgb_her, drop_r, the six loss rows and res512.
+    assert len(STRUCTURES) == 10 and sizes == [1] * 8 + [2, 11]
+    assert sorted(next(v for v in STRUCTURES.values() if len(v) == 2)) == ["consep",
+                                                                         "consep:paper"]
 
 
 def _random_state(cfg, model, tx, seed: int = 0):

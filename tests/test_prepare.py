@@ -17,7 +17,7 @@ from test_pannuke import clean_masks, write_fold
 from configs.default import get_config
 from tsfd_jax.constants import LABEL_NAMES, PANNUKE_TISSUES
 from tsfd_jax.data import folders as folders_lib
-from tsfd_jax.data import pannuke, splits
+from tsfd_jax.data import pannuke, split_lists
 from tsfd_jax.data.prepare import COMPLETE, IN_PROGRESS, open_prepared, prepare
 from tsfd_jax.errors import UserError
 
@@ -198,22 +198,22 @@ def test_foreign_folder_refused(pannuke_root, tmp_path):
 
 # ---- split schemes ---------------------------------------------------------------------------
 def test_tsfd_lists_parse():
-    lists = {r: splits.tsfd_names(r) for r in splits.ROLES}
+    lists = {r: split_lists.tsfd_names(r) for r in split_lists.ROLES}
     assert {r: len(v) for r, v in lists.items()} == {"train": 5675, "val": 303, "test": 1923}
-    keys = {r: [k for k, _ in splits.tsfd_keys(r)] for r in splits.ROLES}
+    keys = {r: [k for k, _ in split_lists.tsfd_keys(r)] for r in split_lists.ROLES}
     all_keys = [k for v in keys.values() for k in v]
     assert len(set(all_keys)) == 7901  # disjoint, no duplicates
-    parsed = [splits.parse_tsfd_name(n) for v in lists.values() for n in v]
+    parsed = [split_lists.parse_tsfd_name(n) for v in lists.values() for n in v]
     assert {t for t, _, _ in parsed} == set(PANNUKE_TISSUES)
     assert {f for _, f, _ in parsed} == {1, 2, 3}
     # Fold sizes 2,656 / 2,523 / 2,722 with 0-based indices (docs/preprocessing.md).
     for f, n in ((1, 2656), (2, 2523), (3, 2722)):
         assert sorted(i for _, ff, i in parsed if ff == f) == list(range(n))
-    per_tissue = Counter(splits.parse_tsfd_name(n)[0] for n in lists["train"])
+    per_tissue = Counter(split_lists.parse_tsfd_name(n)[0] for n in lists["train"])
     assert per_tissue["Breast"] == 1692 and per_tissue["Bladder"] == 104
-    assert splits.parse_tsfd_name("img_Bile-duct_3_00012.png") == ("Bile-duct", 3, 12)
+    assert split_lists.parse_tsfd_name("img_Bile-duct_3_00012.png") == ("Bile-duct", 3, 12)
     with pytest.raises(ValueError):
-        splits.parse_tsfd_name("Bile-duct_3_00012.png")
+        split_lists.parse_tsfd_name("Bile-duct_3_00012.png")
 
 
 class FakePrepared:
@@ -246,26 +246,26 @@ class FakePrepared:
 
 
 def test_tsfd_scheme_selects_listed_keys():
-    tissue_of = {k: t for r in splits.ROLES for k, t in splits.tsfd_keys(r)}
+    tissue_of = {k: t for r in split_lists.ROLES for k, t in split_lists.tsfd_keys(r)}
     prepared = FakePrepared(tissue_of)
     cfg = get_config().data
     cfg.split_scheme = "tsfd"
-    kind, expr, keys = splits.resolve_split(prepared, cfg, "val")
+    kind, expr, keys = split_lists.resolve_split(prepared, cfg, "val")
     assert expr == "fold1+fold2+fold3"
-    assert keys == [f"fold{f}/{i:05d}" for _, f, i in map(splits.parse_tsfd_name,
-                                                           splits.tsfd_names("val"))]
+    assert keys == [f"fold{f}/{i:05d}" for _, f, i in map(split_lists.parse_tsfd_name,
+                                                           split_lists.tsfd_names("val"))]
     assert len(keys) == 303
     # A tissue that disagrees with the file name is refused.
     bad = dict(tissue_of)
     bad[keys[0]] = "Colon" if tissue_of[keys[0]] != "Colon" else "Skin"
     with pytest.raises(UserError, match=f"{keys[0]} is"):
-        splits.resolve_split(FakePrepared(bad), cfg, "val")
+        split_lists.resolve_split(FakePrepared(bad), cfg, "val")
     # The official scheme just names prepared splits.
     cfg.split_scheme = "official"
-    assert splits.resolve_split(prepared, cfg, "test") == ("split", cfg.test_split)
+    assert split_lists.resolve_split(prepared, cfg, "test") == ("split", cfg.test_split)
     cfg.split_scheme = "random"
     with pytest.raises(UserError, match="split_scheme"):
-        splits.resolve_split(prepared, cfg, "train")
+        split_lists.resolve_split(prepared, cfg, "train")
 
 
 def test_tsfd_scheme_on_small_data_asks_for_real_pannuke(pannuke_root, tmp_path):
@@ -275,10 +275,10 @@ def test_tsfd_scheme_on_small_data_asks_for_real_pannuke(pannuke_root, tmp_path)
     cfg = get_config().data
     cfg.split_scheme = "tsfd"
     with pytest.raises(UserError, match="real PanNuke"):
-        splits.resolve_split(ds, cfg, "train")
+        split_lists.resolve_split(ds, cfg, "train")
     cfg.split_scheme = "official"
     cfg.train_split = "fold1+fold2"
-    assert len(splits.resolve_split(ds, cfg, "train")) == 7
+    assert len(split_lists.resolve_split(ds, cfg, "train")) == 7
 
 
 # ---- image + label folders -------------------------------------------------------------------
