@@ -17,7 +17,7 @@ from tests.test_instance_metrics import ref_aji, ref_aji_plus, ref_dice, ref_pq
 from tests.test_predict import make_tiny_workdir
 from tsfd_jax.constants import PANNUKE_CLASSES
 from tsfd_jax.errors import UserError
-from tsfd_jax.evaluate import truth_layout
+from tsfd_jax.data.pannuke import to_pannuke_masks
 from tsfd_jax.evaluate_run import evaluate_workdir
 from tsfd_jax.metrics.detection import centroids_from_instances, detection_stats
 from tsfd_jax.postprocess import to_pannuke_layout
@@ -94,7 +94,7 @@ def test_typed_folder_report_equals_the_references(workdir, shared_data, tmp_pat
         # the class of a predicted nucleus is its pixels' label in the saved class map
         classes = np.zeros(int(pred.max()), np.int64)
         classes[pred[pred > 0] - 1] = pcls[pred > 0]
-        true_layouts.append(truth_layout(inst, cls, 5))
+        true_layouts.append(to_pannuke_masks(inst, cls, 5))
         pred_layouts.append(to_pannuke_layout(pred, classes, 5))
         tc = np.zeros(int(inst.max()), np.int64)
         tc[inst[inst > 0] - 1] = cls[inst > 0]

@@ -12,7 +12,7 @@ from configs import default
 from tsfd_jax.data.pannuke import masks_to_instances
 from tsfd_jax.data.synthetic import generate
 from tsfd_jax.errors import UserError
-from tsfd_jax.evaluate import truth_layout
+from tsfd_jax.data.pannuke import to_pannuke_masks
 from tsfd_jax.evaluate_run import load_run_config
 from tsfd_jax.ops.targets import boundaries
 from tsfd_jax.postprocess import PostprocessParams, postprocess
@@ -34,7 +34,7 @@ def _uncertain_predictions(n=6, size=64):
         p[rows, cols, cls[fg] % 5 + 1] = 0.35
         seg.append(p)
         bdr.append(0.9 * np.asarray(boundaries(jnp.asarray(inst)), np.float32))
-        truth.append(truth_layout(inst, cls, 5))
+        truth.append(to_pannuke_masks(inst, cls, 5))
     return {"seg": np.stack(seg), "boundary": np.stack(bdr), "truth": np.stack(truth),
             "tissue": np.zeros(n, np.int64)}
 

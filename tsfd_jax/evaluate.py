@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from tsfd_jax import atomic, parallel
+from tsfd_jax.data.pannuke import to_pannuke_masks
 from tsfd_jax.data.pipeline import eval_batches, to_global
 from tsfd_jax.metrics.detection import detection_stats, instances_from_pannuke
 from tsfd_jax.metrics.pq import pannuke_pq
@@ -172,7 +173,7 @@ def collect(cfg, variables: dict, source, *, mesh=None, max_images: int | None =
             # interleaved (each process's shard in turn).
             k = int(host["index"][j])
             out.pred_masks[k] = to_pannuke_layout(inst.inst, inst.classes, num_classes)
-            out.true_masks[k] = truth_layout(host["inst"][j], host["cls"][j], num_classes)
+            out.true_masks[k] = to_pannuke_masks(host["inst"][j], host["cls"][j], num_classes)
             if out.rebuilt is not None:
                 gt = rebuild_tsfd_ground_truth(
                     host["inst"][j], host["cls"][j], cfg.postprocess, num_classes=num_classes,
@@ -264,19 +265,6 @@ def evaluate_source(cfg, variables: dict, source, *, mesh=None, max_images: int 
         _finish_masks(out_dir, collected.pred_masks, collected.true_masks,
                       np.asarray(collected.types, dtype=str))
     return result
-
-
-def truth_layout(inst: np.ndarray, cls: np.ndarray, num_classes: int) -> np.ndarray:
-    """Prepared ground truth (inst, cls) -> PanNuke layout; class of an instance = its label."""
-    inst = np.asarray(inst)
-    k = int(inst.max()) if inst.size else 0
-    classes = np.zeros(k, np.int32)
-    if k:
-        ids = inst.reshape(-1)
-        labels = np.asarray(cls).reshape(-1)
-        fg = ids > 0
-        classes[ids[fg] - 1] = labels[fg]
-    return to_pannuke_layout(inst, classes, num_classes)
 
 
 def _finish_masks(out_dir: Path, pred, true, types) -> None:

@@ -25,9 +25,10 @@ from tqdm import tqdm
 
 from tsfd_jax import atomic
 from tsfd_jax.data.folders import CLASSES_FILE, FolderDataset
+from tsfd_jax.data.pannuke import to_pannuke_masks
 from tsfd_jax.errors import UserError
-from tsfd_jax.evaluate import truth_layout
-from tsfd_jax.metrics.detection import centroids_from_instances, detection_stats
+from tsfd_jax.metrics.detection import (centroids_from_instances, detection_stats,
+                                         instances_from_pannuke)
 from tsfd_jax.metrics.instance import binary_scores, mean_scores
 from tsfd_jax.metrics.pq import per_image_stats, summarize_pq
 from tsfd_jax.postprocess import to_pannuke_layout
@@ -58,26 +59,16 @@ def open_folder(folder: str | Path, model_classes: tuple[str, ...],
     return dataset
 
 
-def per_instance_classes(inst: np.ndarray, cls: np.ndarray) -> np.ndarray:
-    """(K,) label of ids 1..K of a prepared ``inst``/``cls`` pair (0 for absent ids)."""
-    k = int(inst.max()) if inst.size else 0
-    out = np.zeros(k, np.int64)
-    fg = inst > 0
-    out[inst[fg] - 1] = cls[fg]
-    return out
-
-
 def score_image(true_inst: np.ndarray, true_cls: np.ndarray | None, pred_inst: np.ndarray,
                 pred_classes: np.ndarray, num_classes: int, match_iou: float) -> dict[str, Any]:
     """One image's binary scores, PanNuke PQ statistics row and detection points."""
     row = {"binary": binary_scores(true_inst, pred_inst)}
     if true_cls is not None:
-        true_layout = truth_layout(true_inst, true_cls, num_classes)
+        true_layout = to_pannuke_masks(true_inst, true_cls, num_classes)
         pred_layout = to_pannuke_layout(pred_inst, pred_classes, num_classes, np.int32)
         row["pq"] = per_image_stats(true_layout[None], pred_layout[None], num_classes, match_iou)
-        row["true_points"] = centroids_from_instances(
-            true_inst, per_instance_classes(true_inst, true_cls))
-        row["pred_points"] = centroids_from_instances(pred_inst, pred_classes)
+        row["true_points"] = instances_from_pannuke(true_layout, num_classes)
+        row["pred_points"] = instances_from_pannuke(pred_layout, num_classes)
     else:
         row["true_points"] = centroids_from_instances(true_inst)
         row["pred_points"] = centroids_from_instances(pred_inst)

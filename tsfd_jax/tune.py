@@ -20,7 +20,8 @@ import numpy as np
 
 from tsfd_jax import atomic
 from tsfd_jax.errors import UserError
-from tsfd_jax.evaluate import truth_layout, predict_batches
+from tsfd_jax.data.pannuke import to_pannuke_masks
+from tsfd_jax.evaluate import predict_batches
 from tsfd_jax.metrics.pq import pannuke_pq
 from tsfd_jax.postprocess import METHODS, PostprocessParams, postprocess_batch, to_pannuke_layout
 
@@ -53,7 +54,7 @@ def collect(cfg, variables: dict, source, max_images: int | None = None) -> dict
         seg.append(out["seg_prob"])
         bdr.append(out["boundary_prob"])
         tissue.extend(int(t) for t in host["tissue"])
-        truth.extend(truth_layout(i, c, num_classes) for i, c in zip(host["inst"], host["cls"]))
+        truth.extend(to_pannuke_masks(i, c, num_classes) for i, c in zip(host["inst"], host["cls"]))
     return {"seg": np.concatenate(seg), "boundary": np.concatenate(bdr),
             "truth": np.stack(truth), "tissue": np.asarray(tissue)}
 
