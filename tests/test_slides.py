@@ -24,7 +24,8 @@ import pytest
 from PIL import Image
 
 from experiments.wsi_slides import consep_mosaic_block, consep_tiles, write_pyramid
-from test_predict import _main_error, fake_predict_fn, make_tiny_workdir
+# tiny_workdir and jax_cache are test_predict's module fixtures, reused here.
+from test_predict import _main_error, fake_predict_fn, jax_cache, tiny_workdir  # noqa: F401
 from tsfd_jax import exports
 from tsfd_jax import predict as P
 from tsfd_jax import slides as S
@@ -306,16 +307,6 @@ def test_bad_slides(slides, tmp_path):
 
 # ---- the command ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_workdir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("slides_model") / "workdir"
-    make_tiny_workdir(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("jax_cache")
 
 
 def cli(args: list[str], cache: Path, **kw) -> subprocess.Popen | subprocess.CompletedProcess:
