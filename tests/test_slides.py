@@ -308,7 +308,6 @@ def test_bad_slides(slides, tmp_path):
 # ---- the command ---------------------------------------------------------------------------
 
 
-
 def cli(args: list[str], cache: Path, **kw) -> subprocess.Popen | subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
