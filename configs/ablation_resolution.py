@@ -4,7 +4,7 @@ PanNuke patches are 256 x 256 and are resized bilinearly to ``input.size`` on de
 stay at 256 (``data.image_size``). The network's outputs are at input / 2 (docs/model.md): 256
 for a 512 input, as in the paper. At 256 input the logits are 128 x 128 and at 768 they are
 384 x 384; both are resized bilinearly to the 256 labels before the losses and post-processing
-(``tsfd_jax.steps.resize_to_labels``, docs/data.md). The paper does not say how its 256 and 768 runs
+(``tsfd_jax.forward.resize_to_labels``, docs/data.md). The paper does not say how its 256 and 768 runs
 matched the 256 labels (docs/evaluation.md). Changes to configs/default.py:
 
 | variant | alias | input | batch | changed fields                             | mPQ   | bPQ   |

@@ -58,7 +58,7 @@ def random_variables(cfg) -> dict:
     import jax.numpy as jnp
 
     from tsfd_jax.models.tsfd import build_model
-    from tsfd_jax.steps import input_shape
+    from tsfd_jax.models.tsfd import input_shape
 
     model = build_model(cfg)
     shapes = jax.eval_shape(lambda k: model.init({"params": k, "dropout": k},

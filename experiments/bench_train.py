@@ -142,7 +142,8 @@ def breakdown(cfg, iters: int = 10) -> list[tuple[str, float]]:
     from tsfd_jax.losses import tsfd_loss
     from tsfd_jax.models.tsfd import build_model
     from tsfd_jax.ops.preprocess import make_preprocess_fn
-    from tsfd_jax.steps import create_state, make_optimizer, make_train_step, resize_to_labels
+    from tsfd_jax.forward import resize_to_labels
+    from tsfd_jax.steps import create_state, make_optimizer, make_train_step
 
     batch = int(cfg.data.global_batch_size)
     host = synthetic_batch(batch, int(cfg.data.image_size), max(len(cfg.data.tissue_names), 2))

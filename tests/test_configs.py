@@ -322,7 +322,7 @@ def test_model_and_loss_trace_per_structure(names):
 
     from tsfd_jax.losses import tsfd_loss
     from tsfd_jax.ops.preprocess import make_preprocess_fn
-    from tsfd_jax.steps import resize_to_labels
+    from tsfd_jax.forward import resize_to_labels
 
     cfg, model, tx, batch, step, abstract = _step_parts(names)
     params = flax.traverse_util.flatten_dict(abstract.params)

@@ -326,7 +326,7 @@ def make_tiny_workdir(path: Path):
 
     from configs import tiny
     from tsfd_jax.models.tsfd import build_model
-    from tsfd_jax.steps import input_shape
+    from tsfd_jax.models.tsfd import input_shape
 
     cfg = tiny.get_config()
     model = build_model(cfg)

@@ -20,13 +20,13 @@ import numpy as np
 from tsfd_jax import atomic, parallel
 from tsfd_jax.data.pannuke import to_pannuke_masks
 from tsfd_jax.data.pipeline import eval_batches, to_global
+from tsfd_jax.forward import make_eval_step
 from tsfd_jax.metrics.detection import detection_stats, instances_from_pannuke
 from tsfd_jax.metrics.pq import pannuke_pq
 from tsfd_jax.metrics.tissue import tissue_stats
 from tsfd_jax.models.tsfd import build_model
 from tsfd_jax.ops.preprocess import make_preprocess_fn
 from tsfd_jax.postprocess import postprocess_stream, rebuild_tsfd_ground_truth, to_pannuke_layout
-from tsfd_jax.steps import make_eval_step
 
 # Pixels sampled per image for the per-class precision-recall curves.
 PR_PIXELS_PER_IMAGE = 256

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from tsfd_jax.errors import UserError
+from tsfd_jax.ops.resize import resize_bilinear
 
 Array = jax.Array
 FORMS = ("paper", "authors")
@@ -348,12 +349,6 @@ def check_loss_config(cfg_loss: Any) -> None:
                             f"(choose from {', '.join(allowed)})")
 
 
-def _resize(x: Array, hw: tuple[int, int]) -> Array:
-    if x.shape[1:3] == tuple(hw):
-        return x
-    return jax.image.resize(x, (x.shape[0], *hw, x.shape[-1]), "bilinear", antialias=False)
-
-
 def _weighted_sum(terms: dict[str, Array], prefix: str, names: tuple[str, ...],
                   aux_weight: float) -> Array:
     """FT plus aux_weight times the other terms (Eq. 7 / 11); plain sum without FT."""
@@ -379,8 +374,8 @@ def tsfd_loss(outputs: dict, targets: dict, cfg_loss: Any) -> tuple[Array, dict[
     form = c["form"]
     authors = form == "authors"
     hw = tuple(targets["cls"].shape[1:3])
-    seg = _resize(_f32(outputs["seg_logits"]), hw)
-    bdr = _resize(_f32(outputs["boundary_logits"]), hw)
+    seg = resize_bilinear(_f32(outputs["seg_logits"]), hw)
+    bdr = resize_bilinear(_f32(outputs["boundary_logits"]), hw)
     mask = _f32(targets["weight"]) if "weight" in targets else jnp.ones(hw, jnp.float32)[None]
     mask = jnp.broadcast_to(mask, targets["cls"].shape)
     cls = targets["cls"].astype(jnp.int32)

@@ -1,4 +1,4 @@
-"""Training state, optimiser, the jitted train step and the training loop (PAPER §4.4, README, Training).
+"""Training state, optimiser and the jitted train step (PAPER §4.4; the loop is ``loop.py``).
 
 SGD with momentum 0.9, weight decay on conv/dense kernels only, learning rate linear 0 -> peak over
 the warm-up steps then cosine to 0 at ``total_steps``. One ``jax.jit`` step over a ``data`` mesh:
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tsfd_jax.forward import apply_at_labels, foreground_dice
 from tsfd_jax.losses import tsfd_loss
 from tsfd_jax.models.tsfd import input_shape
 
@@ -125,25 +126,6 @@ def init_state(cfg, model, tx: optax.GradientTransformation, rng: jax.Array,
 
 # ---- steps -----------------------------------------------------------------------------------
 
-def foreground_dice(seg_logits: jax.Array, cls: jax.Array, weight: jax.Array) -> jax.Array:
-    """Hard Dice of nucleus-vs-background from the arg-max class, over valid pixels."""
-    pred = (jnp.argmax(seg_logits, -1) > 0).astype(jnp.float32) * weight
-    true = (cls > 0).astype(jnp.float32) * weight
-    inter = jnp.sum(pred * true)
-    return (2 * inter + 1e-6) / (jnp.sum(pred) + jnp.sum(true) + 1e-6)
-
-
-def resize_to_labels(outputs: dict, size: tuple[int, int]) -> dict:
-    """Logits at a different size than the labels are resized bilinearly (docs/data.md)."""
-    out = dict(outputs)
-    for name in ("seg_logits", "boundary_logits"):
-        x = out[name]
-        if x.shape[1:3] != tuple(size):
-            out[name] = jax.image.resize(x, (x.shape[0], *size, x.shape[-1]), "bilinear",
-                                         antialias=False)
-    return out
-
-
 def global_norm(tree: PyTree) -> jax.Array:
     """sqrt of the sum of squares of every leaf, as one reduction over the concatenated leaves
     (``optax.global_norm`` makes one reduction per leaf: ~900 small ops that cost seconds of
@@ -167,12 +149,11 @@ def make_train_step(cfg, model, tx, preprocess: Callable) -> Callable:
         inputs, targets = preprocess(batch, aug_rng, True)
 
         def loss_fn(params):
-            outputs, new_vars = model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, inputs, train=True,
-                rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-            outputs = resize_to_labels(outputs, targets["cls"].shape[1:3])
+            outputs, batch_stats = apply_at_labels(
+                model, {"params": params, "batch_stats": state.batch_stats}, inputs,
+                targets["cls"].shape[1:3], train=True, rngs={"dropout": dropout_rng})
             total, terms = tsfd_loss(outputs, targets, cfg.loss)
-            return total, (terms, new_vars["batch_stats"], outputs)
+            return total, (terms, batch_stats, outputs)
 
         (total, (terms, batch_stats, outputs)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(state.params)
@@ -195,28 +176,3 @@ def make_train_step(cfg, model, tx, preprocess: Callable) -> Callable:
         return new_state, metrics
 
     return train_step
-
-
-def make_eval_step(cfg, model, preprocess: Callable) -> Callable:
-    """``eval_step(variables, batch) -> outputs`` with probabilities, loss terms and Dice.
-
-    Per-example losses are not defined for the batch-level losses of the paper, so the loss of an
-    eval batch is returned with its number of valid examples for weighted averaging.
-    """
-    def eval_step(variables: dict, batch: dict) -> dict:
-        inputs, targets = preprocess(batch, jax.random.key(0), False)
-        outputs = model.apply(variables, inputs, train=False)
-        outputs = resize_to_labels(outputs, targets["cls"].shape[1:3])
-        total, terms = tsfd_loss(outputs, targets, cfg.loss)
-        out = {
-            "seg_prob": jax.nn.softmax(outputs["seg_logits"].astype(jnp.float32), -1),
-            "boundary_prob": jax.nn.sigmoid(outputs["boundary_logits"][..., 0].astype(jnp.float32)),
-            "loss": total, "dice": foreground_dice(outputs["seg_logits"], targets["cls"],
-                                                   targets["weight"]),
-            "num_valid": jnp.sum(batch["valid"].astype(jnp.int32)),
-        }
-        if "tissue_logits" in outputs:
-            out["tissue_prob"] = jax.nn.softmax(outputs["tissue_logits"].astype(jnp.float32), -1)
-        return out
-
-    return eval_step

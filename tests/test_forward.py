@@ -1,0 +1,61 @@
+"""The device chain shared by training, evaluation and predict (tsfd_jax/forward.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from configs import tiny
+from tests.test_model import random_variables
+from tests.train_utils import disc_batch
+from tsfd_jax import parallel
+from tsfd_jax.data.pipeline import to_global
+from tsfd_jax.evaluate import make_eval_fn
+from tsfd_jax.forward import resize_to_labels
+from tsfd_jax.models.summary import abstract_variables
+from tsfd_jax.models.tsfd import build_model, input_shape
+from tsfd_jax.predict import make_predict_fn
+
+
+def test_eval_step_and_predict_give_the_same_probabilities():
+    """The network input runs at twice the label size: both paths resize the logits to the
+    labels the same way and end in the same probabilities."""
+    cfg = tiny.get_config()
+    assert cfg.input.size == 2 * cfg.data.image_size
+    variables = random_variables(abstract_variables(build_model(cfg), input_shape(cfg)), seed=3)
+    size = int(cfg.data.image_size)
+    batch = disc_batch(int(cfg.data.eval_batch_size), size, seed=5,
+                       num_tissues=len(cfg.data.tissue_names))
+    mesh = parallel.make_mesh(("data",))
+    from_eval = jax.device_get(make_eval_fn(cfg, mesh)(variables, to_global(batch, mesh)))
+    from_predict = make_predict_fn(cfg, variables, tile=size)(batch["image"])
+    assert set(from_predict) <= set(from_eval)
+    for name, probs in from_predict.items():
+        assert probs.shape == from_eval[name].shape
+        np.testing.assert_allclose(probs, from_eval[name], atol=1e-5, err_msg=name)
+
+
+def test_logits_resized_to_labels_as_jax_image_resize():
+    rng = np.random.default_rng(0)
+    outputs = {"seg_logits": rng.normal(size=(2, 16, 16, 3)).astype(np.float32),
+               "boundary_logits": rng.normal(size=(2, 16, 16, 1)).astype(np.float32),
+               "tissue_logits": rng.normal(size=(2, 4)).astype(np.float32)}
+    for size in ((8, 8), (12, 12), (16, 16), (32, 32)):
+        out = resize_to_labels(outputs, size)
+        np.testing.assert_array_equal(out["tissue_logits"], outputs["tissue_logits"])
+        for name in ("seg_logits", "boundary_logits"):
+            x = outputs[name]
+            want = jax.image.resize(x, (2, *size, x.shape[-1]), "bilinear", antialias=False)
+            np.testing.assert_allclose(out[name], want, atol=1e-5, err_msg=f"{name} {size}")
+
+
+def test_inference_never_imports_training():
+    """predict and evaluate load without the training module (steps) or the loop."""
+    code = ("import sys, tsfd_jax.predict, tsfd_jax.evaluate, tsfd_jax.evaluate_images, "
+            "tsfd_jax.slides; print(sorted(m for m in ('tsfd_jax.steps', 'tsfd_jax.loop', "
+            "'optax') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
