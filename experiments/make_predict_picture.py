@@ -33,7 +33,7 @@ def main() -> None:
 
     from tsfd_jax.checkpoints import restore_variables
     from tsfd_jax.evaluate_run import load_run_config
-    from tsfd_jax.exports import class_colors, overlay
+    from tsfd_jax.overlay import class_colors, overlay
     from tsfd_jax.image_io import list_images, read_image
     from tsfd_jax.predict import make_predict_fn, predict_image
 

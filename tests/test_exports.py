@@ -26,6 +26,7 @@ from skimage.measure import regionprops
 from tsfd_jax import exports as E
 from tsfd_jax.constants import LABEL_NAMES, PANNUKE_CLASS_COLORS
 from tsfd_jax.errors import UserError
+from tsfd_jax.overlay import class_colors, outline_mask, overlay, overlay_pannuke
 from tsfd_jax.image_io import image_info, list_images, read_image
 from tsfd_jax.postprocess import to_pannuke_layout
 from tsfd_jax.predict import Prediction, predict_image
@@ -179,13 +180,25 @@ def test_overlay_outlines_in_class_colours(pred_and_image):
     from skimage.segmentation import find_boundaries
 
     pred, image = pred_and_image
-    out = E.overlay(image, pred.inst, pred.class_map, LABEL_NAMES)
+    out = overlay(image, pred.inst, pred.class_map, LABEL_NAMES)
     edge = find_boundaries(pred.inst, connectivity=1, mode="inner") & (pred.inst > 0)
-    np.testing.assert_array_equal(E.outline_mask(pred.inst), edge)
+    np.testing.assert_array_equal(outline_mask(pred.inst), edge)
     assert edge.sum() > 50
     np.testing.assert_array_equal(out[~edge], image[~edge])
     colours = np.array([(0, 0, 0)] + list(PANNUKE_CLASS_COLORS), np.uint8)
     np.testing.assert_array_equal(out[edge], colours[pred.class_map[edge]])
+
+
+def test_overlay_of_the_pannuke_layout_equals_the_instance_overlay(pred_and_image):
+    """The report draws PanNuke-layout masks (ids per class channel, repeated across channels):
+    the same picture as predict's overlay of the instance and class maps."""
+    pred, image = pred_and_image
+    masks = to_pannuke_layout(pred.inst, pred.classes, len(LABEL_NAMES) - 1)
+    for c in range(masks.shape[-1] - 1):  # ids 1..n per class channel, as PanNuke's files have
+        masks[..., c] = np.unique(masks[..., c], return_inverse=True)[1].reshape(masks.shape[:2])
+    assert len(np.unique(masks[..., :-1])) - 1 < pred.num_instances
+    np.testing.assert_array_equal(overlay_pannuke(image, masks, LABEL_NAMES),
+                                  overlay(image, pred.inst, pred.class_map, LABEL_NAMES))
 
 
 def test_pannuke_layout_only_for_256_images(tmp_path):
@@ -264,7 +277,7 @@ def test_hand_made_shapes_and_other_label_sets(tmp_path):
         assert "tissue" not in f["properties"]
         assert "tissue_prob" not in f["properties"]["measurements"]
     colour = doc["features"][1]["properties"]["classification"]["color"]
-    assert colour == list(E.class_colors(labels)[2])
+    assert colour == list(class_colors(labels)[2])
     rows = list(csv.DictReader(open(paths["csv"], newline="")))
     assert [r["class"] for r in rows] == ["tumor", "other", "tumor"]
     assert rows[0]["tissue"] == "" and rows[0]["tissue_prob"] == ""

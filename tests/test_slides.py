@@ -30,6 +30,7 @@ from tsfd_jax import exports
 from tsfd_jax import predict as P
 from tsfd_jax import slides as S
 from tsfd_jax.errors import UserError
+from tsfd_jax.overlay import class_colors
 
 ROOT = Path(__file__).resolve().parents[1]
 H, W = 1000, 1200                                           # level-0 size of the test slides
@@ -81,7 +82,7 @@ def geometries(path: Path) -> set[str]:
 def reference_geometries(image, cfg, scale=1, offset=(0, 0)) -> set[str]:
     """predict_image on an in-memory picture, polygons moved to level 0."""
     pred = P.predict_image(image, fake_predict_fn, cfg, tile=64, overlap=16, batch_size=4)
-    colors = exports.class_colors(cfg.data.label_names)
+    colors = class_colors(cfg.data.label_names)
     out = set()
     for k in range(pred.num_instances):
         g = exports.nucleus_feature(pred, k, cfg.data.label_names, colors)["geometry"]

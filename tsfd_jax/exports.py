@@ -38,25 +38,14 @@ from typing import Iterable
 import numpy as np
 import scipy.ndimage as ndi
 
-from tsfd_jax.constants import PANNUKE_CLASS_COLORS, PANNUKE_CLASSES, PANNUKE_TILE
+from tsfd_jax.constants import PANNUKE_TILE
 from tsfd_jax.errors import UserError
+from tsfd_jax.overlay import class_colors, overlay
 
 FORMATS = ("instances", "classes", "csv", "geojson", "overlay", "pannuke")
 TABLE_COLUMNS = ("id", "x", "y", "area_px", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
                  "label", "class", "class_prob")
-# Colours for label sets other than PanNuke's (Tableau 10).
-_PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
-_STRIPE = 1024
 _FOUR = ndi.generate_binary_structure(2, 1)
-
-
-def class_colors(label_names: Iterable[str]) -> list[tuple[int, int, int]]:
-    """RGB per label (index 0 background = black): PanNuke's colours for PanNuke labels."""
-    names = tuple(label_names)
-    if names[1:] == PANNUKE_CLASSES:
-        return [(0, 0, 0)] + list(PANNUKE_CLASS_COLORS)
-    return [(0, 0, 0)] + [_PALETTE[i % len(_PALETTE)] for i in range(len(names) - 1)]
 
 
 # ---- polygons ------------------------------------------------------------------------------
@@ -245,34 +234,7 @@ def _write_geojson(f, pred, label_names) -> None:
     f.write(GEOJSON_TAIL)
 
 
-# ---- pictures ------------------------------------------------------------------------------
-
-def outline_mask(inst: np.ndarray) -> np.ndarray:
-    """Pixels of a nucleus with a 4-neighbour outside it (inner outline), (H, W) bool."""
-    inst = np.asarray(inst)
-    edge = np.zeros(inst.shape, bool)
-    edge[1:] |= inst[1:] != inst[:-1]
-    edge[:-1] |= inst[:-1] != inst[1:]
-    edge[:, 1:] |= inst[:, 1:] != inst[:, :-1]
-    edge[:, :-1] |= inst[:, :-1] != inst[:, 1:]
-    return edge & (inst > 0)
-
-
-def overlay(image: np.ndarray, inst: np.ndarray, class_map: np.ndarray,
-            label_names: Iterable[str]) -> np.ndarray:
-    """uint8 (H, W, 3): the image with each nucleus outlined in its class colour."""
-    colors = np.asarray(class_colors(label_names), np.uint8)
-    H = image.shape[0]
-    out = np.empty(image.shape[:2] + (3,), np.uint8)
-    for r in range(0, H, _STRIPE):  # stripes with one row of context each side
-        a, b = max(r - 1, 0), min(r + _STRIPE + 1, H)
-        edge = outline_mask(np.asarray(inst[a:b]))[r - a:r - a + min(_STRIPE, H - r)]
-        part = np.array(image[r:r + _STRIPE, :, :3])
-        cls = np.asarray(class_map[r:r + _STRIPE])
-        part[edge] = colors[np.minimum(cls[edge], len(colors) - 1)]
-        out[r:r + _STRIPE] = part
-    return out
-
+# ---- image files -------------------------------------------------------------------------
 
 def _save_png(f, array: np.ndarray) -> None:
     from PIL import Image

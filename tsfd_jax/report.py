@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from tsfd_jax import atomic, paper
-from tsfd_jax.constants import PANNUKE_CLASS_COLORS
+from tsfd_jax.overlay import class_colors, overlay_pannuke
 
 
 def to_jsonable(x: Any) -> Any:
@@ -92,6 +92,7 @@ def _plots(report: dict, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
+    label_names = ("background", *report["class_names"])
     if report.get("tissue"):
         cm = np.asarray(report["tissue"]["confusion"], float)
         names = report["tissue"]["names"]
@@ -110,10 +111,10 @@ def _plots(report: dict, out_dir: Path) -> list[Path]:
     if pr is not None and len(pr["labels"]):
         from tsfd_jax.metrics.pixel import pr_curve
         fig, ax = plt.subplots(figsize=(5, 5))
-        for c, name in enumerate(report["class_names"], start=1):
+        colors = class_colors(label_names)
+        for c, name in enumerate(label_names[1:], start=1):
             precision, recall, _ = pr_curve(pr["scores"][:, c], pr["labels"] == c)
-            color = np.asarray(PANNUKE_CLASS_COLORS[(c - 1) % len(PANNUKE_CLASS_COLORS)]) / 255
-            ax.plot(recall, precision, label=name, color=color)
+            ax.plot(recall, precision, label=name, color=np.asarray(colors[c]) / 255)
         ax.set_xlabel("recall")
         ax.set_ylabel("precision")
         ax.set_title("Per-class pixel precision-recall")
@@ -122,7 +123,7 @@ def _plots(report: dict, out_dir: Path) -> list[Path]:
         written.append(_savefig(fig, out_dir / "pr_curves.png"))
         plt.close(fig)
     if report.get("examples"):
-        written.append(_overlay_grid(report["examples"], out_dir / "overlays.png"))
+        written.append(_overlay_grid(report["examples"], label_names, out_dir / "overlays.png"))
     return written
 
 
@@ -132,19 +133,10 @@ def _savefig(fig, path: Path) -> Path:
     return path
 
 
-def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """RGB image with instance contours coloured by class (PanNuke-layout mask (H,W,C+1))."""
-    from skimage.segmentation import find_boundaries
-
-    out = np.asarray(image, np.uint8).copy()
-    for c in range(mask.shape[-1] - 1):
-        edge = find_boundaries(mask[..., c].astype(np.int32), mode="inner")
-        out[edge] = PANNUKE_CLASS_COLORS[c % len(PANNUKE_CLASS_COLORS)]
-    return out
-
-
-def _overlay_grid(examples: list[dict], path: Path) -> Path:
-    rows = [np.concatenate([ex["image"], overlay(ex["image"], ex["true"]),
-                            overlay(ex["image"], ex["pred"])], axis=1) for ex in examples]
+def _overlay_grid(examples: list[dict], label_names: tuple[str, ...], path: Path) -> Path:
+    """One row per example: the image, the truth and the prediction outlined by class."""
+    rows = [np.concatenate([ex["image"], overlay_pannuke(ex["image"], ex["true"], label_names),
+                            overlay_pannuke(ex["image"], ex["pred"], label_names)], axis=1)
+            for ex in examples]
     atomic.save_png(path, np.concatenate(rows, axis=0))
     return path

@@ -61,6 +61,7 @@ from scipy import ndimage as ndi
 
 from tsfd_jax import atomic, exports
 from tsfd_jax.errors import UserError
+from tsfd_jax.overlay import class_colors
 from tsfd_jax.postprocess import postprocess_stream
 from tsfd_jax.predict import (MPP_TOLERANCE, PredictFn, Stitcher, _cores, default_overlap,
                               model_mpp, tile_starts)
@@ -811,7 +812,7 @@ class _SlideRun:
         self.plan, self.tissue, self.job, self.tile, self.overlap = plan, tissue, job, tile, overlap
         self.label_names = tuple(cfg.data.label_names)
         self.tissue_names = tuple(cfg.data.tissue_names)
-        self.colors = exports.class_colors(self.label_names)
+        self.colors = class_colors(self.label_names)
         self.dir = partial_dir(out_dir, stem)
         self.paths = slide_output_paths(out_dir, stem)
         self.geojson_part = self.dir / "nuclei.geojson.part"
