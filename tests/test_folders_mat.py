@@ -14,6 +14,7 @@ from PIL import Image
 from tsfd_jax.data import folders as folders_lib
 from tsfd_jax.data.prepare import open_prepared, plan_folders, prepare
 from tsfd_jax.errors import UserError
+from tsfd_jax.image_io import read_image
 
 FIELDS = ("image", "inst", "cls", "tissue", "key")
 MERGED = ("other", "inflammatory", "epithelial", "spindle-shaped")
@@ -216,7 +217,7 @@ def consep_items(shared_data) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndar
 
     def tile(stem: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         z = np.load(src / f"{stem}.npz")
-        return folders_lib.read_rgb(src / f"{stem}.jpg"), z["inst"], z["type"]
+        return read_image(src / f"{stem}.jpg"), z["inst"], z["type"]
 
     items = {s: tile(s) for s in ("train_10_000", "train_10_005", "train_7_003")}
     parts = []

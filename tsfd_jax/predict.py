@@ -42,11 +42,17 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import jax
 import numpy as np
 import scipy.ndimage as ndi
+from PIL import Image
 
 from tsfd_jax.constants import PANNUKE_MPP
 from tsfd_jax.errors import UserError
+from tsfd_jax.forward import make_tile_forward
+from tsfd_jax.models.tsfd import build_model
+from tsfd_jax.ops.preprocess import at_label_size, input_size_at, model_inputs
+from tsfd_jax.postprocess import postprocess_stream
 
 PredictFn = Callable[[np.ndarray], dict]
 LARGE_PIXELS = 1 << 26      # above this (8192^2 px) image-size maps are temporary memory maps
@@ -357,8 +363,6 @@ def resample_image(image: np.ndarray, factor: float, scratch_dir: str | None = N
     """uint8 (H, W, 3) -> (round(H f), round(W f), 3) by Pillow's bilinear filter (antialiased
     when shrinking), stripe by stripe: each stripe reads its source rows plus the filter support,
     so the result equals one whole-image resize."""
-    from PIL import Image
-
     H, W = image.shape[:2]
     H2, W2 = max(int(round(H * factor)), 1), max(int(round(W * factor)), 1)
     fy = H2 / H
@@ -389,8 +393,6 @@ def predict_image(image: np.ndarray, predict_fn: PredictFn, cfg, *, tile: int | 
     ``progress(tiles_done, tiles_total)`` after every batch; workers: post-processing processes
     (0 = in this process); scratch_dir: where temporary memory maps of large images go.
     """
-    from tsfd_jax.postprocess import postprocess_stream
-
     image = np.asarray(image) if not isinstance(image, np.memmap) else image
     if image.ndim != 3 or image.shape[2] < 3 or image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 RGB image (H, W, 3); got {image.dtype} {image.shape}")
@@ -464,16 +466,12 @@ def predict_image(image: np.ndarray, predict_fn: PredictFn, cfg, *, tile: int | 
 
 def _inputs_fn(cfg) -> Callable:
     """images uint8 (B, t, t, 3) -> network inputs, exactly as evaluation prepares them."""
-    from tsfd_jax.ops.preprocess import model_inputs
-
     return lambda images: model_inputs(images, cfg)
 
 
 def check_tile(cfg, tile: int | None = None, overlap: int | None = None) -> int:
     """The tile size (default ``cfg.data.image_size``), checked with the overlap: UserError when
     the network input it needs (tile x input.size / image_size) is not a multiple of 32."""
-    from tsfd_jax.ops.preprocess import input_size_at
-
     label = int(cfg.data.image_size)
     size = int(cfg.input.size)
     tile = int(tile or label)
@@ -492,28 +490,9 @@ def make_predict_fn(cfg, variables: dict, tile: int | None = None) -> PredictFn:
     The network input keeps the trained ratio input.size / image_size (512 / 256 = 2), so a
     different tile size changes the field of view, never the magnification.
     """
-    import jax
-    import jax.numpy as jnp
-
-    from tsfd_jax.models.tsfd import build_model
-    from tsfd_jax.ops.preprocess import at_label_size
-    from tsfd_jax.steps import resize_to_labels
-
     tile = check_tile(cfg, tile)
     tcfg = at_label_size(cfg, tile)
-    model = build_model(tcfg)
-    to_inputs = _inputs_fn(tcfg)
-
-    @jax.jit
-    def forward(variables, images):
-        out = model.apply(variables, to_inputs(images), train=False)
-        out = resize_to_labels(out, (tile, tile))
-        res = {"seg_prob": jax.nn.softmax(out["seg_logits"].astype(jnp.float32), -1),
-               "boundary_prob": jax.nn.sigmoid(out["boundary_logits"][..., 0].astype(jnp.float32))}
-        if "tissue_logits" in out:
-            res["tissue_prob"] = jax.nn.softmax(out["tissue_logits"].astype(jnp.float32), -1)
-        return res
-
+    forward = make_tile_forward(build_model(tcfg), _inputs_fn(tcfg), tile)
     device_vars = jax.device_put(variables)
 
     def predict_fn(tiles: np.ndarray) -> dict[str, Any]:

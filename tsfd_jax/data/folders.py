@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import scipy.io
 import skimage.segmentation
-from PIL import Image
 
 from tsfd_jax.constants import BACKGROUND
 from tsfd_jax.data.pannuke import count_disconnected
 from tsfd_jax.errors import UserError
+from tsfd_jax.image_io import image_info, read_image
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 CLASSES_FILE = "classes.txt"
@@ -49,8 +49,6 @@ FOLDER_RESOLUTION_KEYS: tuple[str, ...] = (
     "typed_background_pixels",  # type > 0 where inst == 0: ignored
 )
 
-_GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
-
 
 def read_classes(path: Path) -> tuple[str, ...]:
     """Class names for labels 1..C, one per non-empty line ('#' starts a comment line)."""
@@ -64,50 +62,6 @@ def read_classes(path: Path) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise UserError(f"{path}: repeated class names")
     return names
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB; RGBA loses its alpha; greyscale is refused (H&E needs colour)."""
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            a = np.asarray(tifffile.imread(path))
-        else:
-            with Image.open(path) as im:
-                if im.mode in _GREY_MODES:
-                    raise UserError(f"{path}: greyscale image (mode {im.mode}); H&E needs RGB")
-                if im.mode == "P":
-                    im = im.convert("RGBA")
-                elif im.mode not in ("RGB", "RGBA"):
-                    im = im.convert("RGB")
-                a = np.asarray(im)
-    except UserError:
-        raise
-    except Exception as e:  # PIL/tifffile raise many types for broken files
-        raise UserError(f"{path}: cannot read image ({e})") from None
-    if a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (1, 2)):
-        raise UserError(f"{path}: greyscale image {a.shape}; H&E needs RGB")
-    if a.ndim != 3 or a.shape[-1] not in (3, 4):
-        raise UserError(f"{path}: image of shape {a.shape}, expected (H, W, 3) RGB")
-    if a.dtype != np.uint8:
-        raise UserError(f"{path}: {a.dtype} pixels, expected 8-bit RGB")
-    return np.ascontiguousarray(a[..., :3])
-
-
-def image_shape(path: Path) -> tuple[int, int]:
-    """(H, W) from the file header, without decoding the pixels."""
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            with tifffile.TiffFile(path) as t:
-                shape = t.pages[0].shape
-            return int(shape[0]), int(shape[1])
-        with Image.open(path) as im:
-            return im.size[1], im.size[0]
-    except Exception as e:
-        raise UserError(f"{path}: cannot read image ({e})") from None
 
 
 def source_group(stem: str, pattern: str = DEFAULT_GROUP_PATTERN) -> str:
@@ -345,7 +299,8 @@ class FolderDataset:
         return len(self.stems)
 
     def image_shape(self, i: int) -> tuple[int, int]:
-        return image_shape(self.image_paths[self.stems[i]])
+        info = image_info(self.image_paths[self.stems[i]])
+        return info.height, info.width
 
     def _labels(self, stem: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
         """Validated (inst, type or None) of ``stem``, type already merged; same checks for
@@ -381,7 +336,7 @@ class FolderDataset:
     def example_with_counts(self, i: int) -> tuple[dict[str, Any], dict[str, int]]:
         """The prepared example ``i`` and the repairs it needed (FOLDER_RESOLUTION_KEYS)."""
         stem = self.stems[i]
-        image = read_rgb(self.image_paths[stem])
+        image = np.ascontiguousarray(read_image(self.image_paths[stem]))
         inst, typ = self._labels(stem, image.shape[:2])
         inst, cls, counts = instances_and_classes(inst, typ, len(self.class_names))
         example = {"image": image, "inst": inst, "cls": cls, "tissue": np.int32(0), "key": stem}

@@ -29,8 +29,8 @@ from tsfd_jax.models.efficientnet import (DEFAULT_TAPS, EfficientNet, efficientn
                                           stage_end_taps)
 from tsfd_jax.models.layers import DEPTHWISE_IMPLS, Layers
 from tsfd_jax.models.unet import UNet
+from tsfd_jax.ops.preprocess import input_channels
 
-INPUT_CHANNELS = {"rgb": 3, "rgb_he": 5, "rgb_her": 6}  # Table 5 input variants
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ARCHS = ("tsfd", "unet")  # model.arch: the paper's network, or the reference UNet (unet.py)
 
@@ -95,14 +95,6 @@ class TSFDNet(nn.Module):
             out["tissue_logits"] = layers.dense(self.num_tissues, kernel_init=glorot_uniform,
                                                 name="classifier")(v)
         return {k: v.astype(jnp.float32) for k, v in out.items()}
-
-
-def input_channels(cfg) -> int:
-    """Number of input channels of ``cfg.input.channels`` (rgb 3, rgb_he 5, rgb_her 6)."""
-    name = str(cfg.input.channels)
-    if name not in INPUT_CHANNELS:
-        raise ValueError(f"input.channels must be one of {sorted(INPUT_CHANNELS)}, got {name!r}")
-    return INPUT_CHANNELS[name]
 
 
 def input_shape(cfg, batch: int = 1, size: int | None = None) -> tuple[int, int, int, int]:

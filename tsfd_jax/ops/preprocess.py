@@ -26,14 +26,21 @@ from tsfd_jax.ops.resize import resize_bilinear, resize_nearest
 from tsfd_jax.ops.stain import MATRICES, SCALINGS, stain_channels
 from tsfd_jax.ops.targets import boundary_target
 
-CHANNEL_SETS = {"rgb": 3, "rgb_he": 5, "rgb_her": 6}
+CHANNEL_SETS = {"rgb": 3, "rgb_he": 5, "rgb_her": 6}  # PAPER Table 5's input variants
+
+
+def input_channels(cfg) -> int:
+    """Number of network input channels of ``cfg.input.channels`` (rgb 3, rgb_he 5, rgb_her 6)."""
+    channels = str(cfg.input.channels)
+    if channels not in CHANNEL_SETS:
+        raise ValueError(f"unknown input.channels {channels!r}; expected one of {list(CHANNEL_SETS)}")
+    return CHANNEL_SETS[channels]
 
 
 def _input_settings(cfg) -> dict:
     """The ``cfg.input`` values the network input depends on, checked."""
+    input_channels(cfg)
     channels = str(cfg.input.channels)
-    if channels not in CHANNEL_SETS:
-        raise ValueError(f"unknown input.channels {channels!r}; expected one of {list(CHANNEL_SETS)}")
     matrix = str(cfg.input.stain_matrix)
     if matrix not in MATRICES:
         raise ValueError(f"unknown input.stain_matrix {matrix!r}; expected one of {MATRICES}")
