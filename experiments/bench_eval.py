@@ -127,7 +127,7 @@ def bench_pq(true, pred, types, ref_images: int) -> dict:
 
 
 def bench_postprocess(seg, bdr, workers: int) -> dict:
-    from tsfd_jax.postprocess import make_executor, postprocess_batch
+    from tsfd_jax.postprocess_workers import make_executor, postprocess_batch
 
     t0 = time.perf_counter()
     pool = make_executor(workers)

@@ -11,9 +11,9 @@ from skimage.morphology import remove_small_objects
 from skimage.morphology import thin as sk_thin
 
 from tsfd_jax.metrics.pq import pannuke_pq, remap_label
-from tsfd_jax.postprocess import (Instances, PostprocessParams, postprocess, postprocess_batch,
-                                  postprocess_stream, rebuild_tsfd_ground_truth, semantic_map,
-                                  thin, to_pannuke_layout)
+from tsfd_jax.postprocess import (Instances, PostprocessParams, postprocess,
+                                  rebuild_tsfd_ground_truth, semantic_map, thin, to_pannuke_layout)
+from tsfd_jax.postprocess_workers import postprocess_batch, postprocess_stream
 
 C = 5
 

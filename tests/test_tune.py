@@ -49,6 +49,50 @@ def test_split_class_probabilities_lose_nuclei_in_the_paper_method_not_in_marker
     assert abs(markers.num_instances - true_count) <= max(2, true_count // 10)
 
 
+def _disc_probabilities(discs, size=64):
+    """Class-1 probability 0.9 on the union of discs (cy, cx, r), no boundary predicted."""
+    yy, xx = np.mgrid[:size, :size]
+    fg = np.zeros((size, size), bool)
+    for cy, cx, r in discs:
+        fg |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    seg = np.zeros((size, size, 3), np.float32)
+    seg[..., 0] = np.where(fg, 0.1, 0.9)
+    seg[..., 1] = 1 - seg[..., 0]
+    return seg, np.zeros((size, size), np.float32)
+
+
+@pytest.mark.parametrize("discs,split", [
+    (((32, 20, 9), (32, 36, 9)), 2),             # two touching round nuclei, boundary missed
+    (((20, 20, 8), (20, 34, 7), (33, 27, 8)), 3),  # a cluster of three
+    (((32, 32, 10),), 1),                        # one round nucleus stays whole
+    (((32, 32, 1.5),), 1),                       # thinner than the depth: kept, not split
+])
+def test_split_depth_separates_touching_round_nuclei(discs, split):
+    seg, bdr = _disc_probabilities(discs)
+    plain = postprocess(seg, bdr, PostprocessParams(method="markers", min_size=4))
+    split_ = postprocess(seg, bdr, PostprocessParams(method="markers", min_size=4,
+                                                     split_depth=2.0))
+    assert plain.num_instances == 1
+    assert split_.num_instances == split
+    assert ((split_.inst > 0) == (plain.inst > 0)).all()  # the foreground is only divided
+    if split == 2:  # the cut runs along the neck, between the two centres
+        left, right = split_.inst[32, 20], split_.inst[32, 36]
+        assert left != right and (split_.inst[:, :27] != right).all()
+        assert (split_.inst[:, 30:][split_.inst[:, 30:] > 0] == right).all()
+
+
+def test_split_depth_keeps_an_elongated_nucleus_whole():
+    size = 64
+    yy, xx = np.mgrid[:size, :size]
+    fg = ((yy - 32) / 5.0) ** 2 + ((xx - 32) / 20.0) ** 2 <= 1  # spindle-shaped, 40 x 10 px
+    seg = np.zeros((size, size, 3), np.float32)
+    seg[..., 0] = np.where(fg, 0.1, 0.9)
+    seg[..., 1] = 1 - seg[..., 0]
+    out = postprocess(seg, np.zeros((size, size), np.float32),
+                      PostprocessParams(method="markers", min_size=4, split_depth=1.0))
+    assert out.num_instances == 1
+
+
 def test_search_finds_settings_that_recover_the_nuclei():
     cfg = default.get_config()  # starts from the paper's post-processing
     data = _uncertain_predictions()

@@ -26,7 +26,8 @@ from tsfd_jax.metrics.pq import pannuke_pq
 from tsfd_jax.metrics.tissue import tissue_stats
 from tsfd_jax.models.tsfd import build_model
 from tsfd_jax.ops.preprocess import make_preprocess_fn
-from tsfd_jax.postprocess import postprocess_stream, rebuild_tsfd_ground_truth, to_pannuke_layout
+from tsfd_jax.postprocess import rebuild_tsfd_ground_truth, to_pannuke_layout
+from tsfd_jax.postprocess_workers import postprocess_stream
 
 # Pixels sampled per image for the per-class precision-recall curves.
 PR_PIXELS_PER_IMAGE = 256

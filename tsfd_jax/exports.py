@@ -41,6 +41,7 @@ import scipy.ndimage as ndi
 from tsfd_jax.constants import PANNUKE_TILE
 from tsfd_jax.errors import UserError
 from tsfd_jax.overlay import class_colors, overlay
+from tsfd_jax.postprocess import to_pannuke_layout
 
 FORMATS = ("instances", "classes", "csv", "geojson", "overlay", "pannuke")
 TABLE_COLUMNS = ("id", "x", "y", "area_px", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
@@ -332,6 +333,4 @@ def write_outputs(pred, out_dir: str | Path, stem: str, label_names: Iterable[st
 
 
 def _pannuke(pred, num_classes: int) -> np.ndarray:
-    from tsfd_jax.postprocess import to_pannuke_layout
-
     return to_pannuke_layout(np.asarray(pred.inst), pred.classes, num_classes, dtype=np.int32)

@@ -27,18 +27,13 @@ sizes this equals the authors' per-channel result exactly: components of differe
 never 8-adjacent after the majority step, so after the erosion any two instances are >= 3 px
 apart and their 1-px dilations never meet.
 
-Images run in parallel on host worker processes (``postprocess_batch``, ``postprocess_stream``).
+Many images run in parallel on host worker processes: ``postprocess_workers.py``.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import multiprocessing as mp
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, fields
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -112,6 +107,7 @@ class PostprocessParams:
     dilation_size: int = 3
     vote: str = "component"  # majority class per: component (paper, authors) | nucleus
     method: str = "paper"    # paper (steps 1-6) | markers (``marker_instances``)
+    split_depth: float = 0.0  # markers: split cores at distance-transform peaks this deep (px)
 
     @classmethod
     def of(cls, cfg_pp: Any) -> "PostprocessParams":
@@ -321,9 +317,13 @@ def marker_instances(seg_prob: np.ndarray, boundary_prob: np.ndarray,
     1. foreground = 1 - p(background) > seg_threshold (the paper's per-class thresholds lose
        pixels whose nucleus probability is split between classes);
     2. markers = 8-connected components of foreground without boundary_prob >
-       boundary_threshold, those under max(min_size // 4, 1) px dropped;
-    3. a watershed on the boundary probability floods the foreground from the markers, so
-       touching nuclei split along the predicted boundary ridge;
+       boundary_threshold, those under max(min_size // 4, 1) px dropped; with ``split_depth``
+       > 0 a core is split further at the peaks of its distance transform that stand at least
+       ``split_depth`` px above the saddle between them (h-maxima), so touching round nuclei
+       whose shared boundary was predicted too weakly still come apart;
+    3. a watershed floods the foreground from the markers on the boundary probability (minus
+       the distance to the core's edge in px, with ``split_depth``), so touching nuclei split
+       along the predicted boundary ridge or the core's neck;
     4. instances under min_size px are dropped; each instance's class is the arg-max of its mean
        class probability (background excluded).
     closing, erosion, dilation and vote are not used.
@@ -331,14 +331,18 @@ def marker_instances(seg_prob: np.ndarray, boundary_prob: np.ndarray,
     from skimage.segmentation import watershed  # only here: keeps worker start-up light
 
     p = np.asarray(seg_prob, np.float32)
+    elevation = np.asarray(boundary_prob, np.float32)
     fg = (1.0 - p[..., 0]) > params.seg_threshold
-    core = fg & ~(np.asarray(boundary_prob) > params.boundary_threshold)
+    core = fg & ~(elevation > params.boundary_threshold)
     markers, n = ndi.label(core, structure=_EIGHT)
     if n:
         small = np.bincount(markers.ravel()) < max(params.min_size // 4, 1)
         small[0] = False
         markers[small[markers]] = 0
-    inst = watershed(np.asarray(boundary_prob, np.float32), markers, mask=fg) if n else markers
+    if n and params.split_depth > 0:
+        markers, n, dist = split_markers(markers, float(params.split_depth))
+        elevation = elevation - dist
+    inst = watershed(elevation, markers, mask=fg) if n else markers
     area = np.bincount(inst.ravel())
     keep = area >= max(params.min_size, 1)
     keep[0] = False
@@ -350,6 +354,24 @@ def marker_instances(seg_prob: np.ndarray, boundary_prob: np.ndarray,
     probs = mean_probs(inst, p, K, area[ids])
     classes = (np.argmax(probs[:, 1:], axis=1) + 1).astype(np.int32) if K else np.zeros(0, np.int32)
     return Instances(inst=inst, classes=classes, class_probs=probs)
+
+
+def split_markers(markers: np.ndarray, depth: float) -> tuple[np.ndarray, int, np.ndarray]:
+    """Core components -> (markers, count, distance to the core's edge in px): each component
+    gives one marker per h-maximum (height ``depth``) of its Euclidean distance transform, or
+    itself where it has none (a core thinner than ``depth`` stays one nucleus)."""
+    from skimage.morphology import h_maxima  # only here: keeps worker start-up light
+
+    core = markers > 0
+    dist = ndi.distance_transform_edt(core).astype(np.float32)
+    # Integer-scaled distances: h_maxima on floats is sensitive to rounding of sqrt values.
+    peaks = h_maxima(np.round(dist * 16).astype(np.int32), int(round(depth * 16))) > 0
+    has_peak = np.zeros(int(markers.max()) + 1, bool)
+    has_peak[markers[peaks & core]] = True
+    has_peak[0] = False
+    seeds = (peaks & core) | (core & ~has_peak[markers])
+    out, n = ndi.label(seeds, structure=_EIGHT)
+    return out, n, dist
 
 
 def rebuild_tsfd_ground_truth(inst: np.ndarray, cls: np.ndarray, cfg_pp: Any = None,
@@ -376,100 +398,3 @@ def rebuild_tsfd_ground_truth(inst: np.ndarray, cls: np.ndarray, cfg_pp: Any = N
         frame[frame_width:-frame_width, frame_width:-frame_width] = False
         boundary |= frame & (sem > 0)
     return separate_instances(sem, thin(boundary), params, num_classes)
-
-
-# ---- host parallelism ------------------------------------------------------------------------
-
-def _run_many(seg_probs: np.ndarray, boundary_probs: np.ndarray,
-              params: PostprocessParams) -> list[Instances]:
-    return [postprocess(s, b, params) for s, b in zip(seg_probs, boundary_probs)]
-
-
-def make_executor(workers: int) -> cf.ProcessPoolExecutor | None:
-    """A process pool for post-processing (None for ``workers <= 0``).
-
-    forkserver (spawn where unavailable): forking a process that runs JAX is unsafe.
-    """
-    if workers <= 0:
-        return None
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context(method))
-
-
-def _run_spilled(folder: str, a: int, b: int, params: PostprocessParams) -> list[Instances]:
-    seg = np.load(os.path.join(folder, "seg.npy"), mmap_mode="r")
-    bdr = np.load(os.path.join(folder, "bdr.npy"), mmap_mode="r")
-    return _run_many(seg[a:b], bdr[a:b], params)
-
-
-class _Pending:
-    """A batch handed to the pool. The arrays go through a memory-backed temporary folder
-    (/dev/shm where present) instead of being pickled into the pipe, which cost more than
-    the post-processing itself."""
-
-    def __init__(self, pool: cf.ProcessPoolExecutor, seg_probs, boundary_probs, params,
-                 workers: int):
-        shm = "/dev/shm"
-        base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
-        self.folder = tempfile.mkdtemp(prefix="tsfd-postprocess-", dir=base)
-        try:
-            np.save(os.path.join(self.folder, "seg.npy"), np.asarray(seg_probs))
-            np.save(os.path.join(self.folder, "bdr.npy"), np.asarray(boundary_probs))
-            n = len(seg_probs)
-            step = max(1, -(-n // (4 * workers)))  # several pieces per worker: even load
-            self.futures = [pool.submit(_run_spilled, self.folder, a, min(a + step, n), params)
-                            for a in range(0, n, step)]
-        except BaseException:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            raise
-
-    def result(self) -> list[Instances]:
-        try:
-            return [inst for f in self.futures for inst in f.result()]
-        finally:
-            shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def postprocess_batch(seg_probs: np.ndarray, boundary_probs: np.ndarray, cfg_pp: Any = None,
-                      workers: int = 0,
-                      executor: cf.ProcessPoolExecutor | None = None) -> list[Instances]:
-    """(N, H, W, C + 1) softmax and (N, H, W[, 1]) boundary probabilities -> N Instances.
-
-    ``workers`` > 0 splits the images over that many processes, started for this call unless
-    an ``executor`` (``make_executor``) is given; ``postprocess_stream`` keeps them for many
-    batches.
-    """
-    params = PostprocessParams.of(cfg_pp)
-    if workers <= 0 or len(seg_probs) <= 1:
-        return _run_many(seg_probs, boundary_probs, params)
-    if executor is not None:
-        return _Pending(executor, seg_probs, boundary_probs, params, workers).result()
-    with make_executor(workers) as pool:
-        return _Pending(pool, seg_probs, boundary_probs, params, workers).result()
-
-
-def postprocess_stream(batches: Iterable[tuple[np.ndarray, np.ndarray]], cfg_pp: Any = None,
-                       workers: int = 0) -> Iterator[list[Instances]]:
-    """Post-process a stream of (seg_probs, boundary_probs) batches, in order.
-
-    With workers, batch n is handed to the pool before the results of batch n - 1 are
-    yielded, so the caller (the device) computes the next batch while the workers run.
-    """
-    params = PostprocessParams.of(cfg_pp)
-    if workers <= 0:
-        for seg, bdr in batches:
-            yield _run_many(seg, bdr, params)
-        return
-    with make_executor(workers) as pool:
-        pending = None
-        try:
-            for seg, bdr in batches:
-                previous, pending = pending, _Pending(pool, seg, bdr, params, workers)
-                if previous is not None:
-                    yield previous.result()
-            if pending is not None:
-                last, pending = pending, None
-                yield last.result()
-        finally:
-            if pending is not None:  # the caller stopped early: drop the spilled arrays
-                pending.result()

@@ -52,7 +52,7 @@ from tsfd_jax.errors import UserError
 from tsfd_jax.forward import make_tile_forward
 from tsfd_jax.models.tsfd import build_model
 from tsfd_jax.ops.preprocess import at_label_size, input_size_at, model_inputs
-from tsfd_jax.postprocess import postprocess_stream
+from tsfd_jax.postprocess_workers import postprocess_stream
 
 PredictFn = Callable[[np.ndarray], dict]
 LARGE_PIXELS = 1 << 26      # above this (8192^2 px) image-size maps are temporary memory maps

@@ -30,7 +30,7 @@ docs/predict.md ("Whole slides") has the user's view; the rules in short:
   uninterrupted run's. Different arguments are refused unless ``overwrite``.
 * **Pipelined.** Tiles are read (decoded, resampled) in a thread ``PREFETCH`` batches ahead of the
   jitted model; post-processing runs on ``workers`` processes while the model computes the next
-  batch (``postprocess.postprocess_stream``); stitching and writing happen in the main thread.
+  batch (``postprocess_workers.postprocess_stream``); stitching and writing happen in the main thread.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from scipy import ndimage as ndi
 from tsfd_jax import atomic, exports
 from tsfd_jax.errors import UserError
 from tsfd_jax.overlay import class_colors
-from tsfd_jax.postprocess import postprocess_stream
+from tsfd_jax.postprocess_workers import postprocess_stream
 from tsfd_jax.predict import (MPP_TOLERANCE, PredictFn, Stitcher, _cores, default_overlap,
                               model_mpp, tile_starts)
 

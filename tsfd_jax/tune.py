@@ -23,7 +23,8 @@ from tsfd_jax.errors import UserError
 from tsfd_jax.data.pannuke import to_pannuke_masks
 from tsfd_jax.evaluate import predict_batches
 from tsfd_jax.metrics.pq import pannuke_pq
-from tsfd_jax.postprocess import METHODS, PostprocessParams, postprocess_batch, to_pannuke_layout
+from tsfd_jax.postprocess import METHODS, PostprocessParams, to_pannuke_layout
+from tsfd_jax.postprocess_workers import postprocess_batch
 
 TUNED_FILE = "postprocess.json"
 # Values searched per setting. Settings a method does not use are not searched for it.
@@ -35,9 +36,11 @@ GRID: dict[str, tuple] = {
     "erosion_size": (1, 3),
     "dilation_size": (1, 3, 5),
     "vote": ("component", "nucleus"),
+    "split_depth": (0.0, 1.0, 2.0, 3.0, 4.0),
 }
-USED_BY = {"paper": tuple(GRID),
-           "markers": ("seg_threshold", "boundary_threshold", "min_size")}
+USED_BY = {"paper": ("seg_threshold", "boundary_threshold", "min_size", "closing_size",
+                     "erosion_size", "dilation_size", "vote"),
+           "markers": ("seg_threshold", "boundary_threshold", "min_size", "split_depth")}
 SWEEPS = 2
 
 
