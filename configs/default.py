@@ -117,6 +117,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     l.boundary = "ft_combo"       # ft | ft_combo | ...
     l.boundary_ft = (0.3, 0.7, 5.0)
     l.boundary_aux_weight = 0.4   # w_bdr
+    l.contact_weight = 0.0        # BCE boundary: extra weight between touching nuclei (not the paper)
     l.combo_alpha = 0.7
     l.combo_ce_ratio = 0.4
     l.border_weight = 3.0         # authors' BCE/Dice border weighting (§2.2)
@@ -156,6 +157,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     p.dilation_size = 3
     p.vote = "component"          # Eq. 16 majority per component; "nucleus" = per separated nucleus
     p.method = "paper"            # paper (§4.3) | markers (watershed from boundary-free cores)
+    p.split_depth = 0.0           # markers: also split cores at distance peaks this deep (px)
 
     c.eval = e = ml_collections.ConfigDict()
     e.match_iou = 0.5

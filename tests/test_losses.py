@@ -463,6 +463,25 @@ def test_tsfd_loss_components_match_reference(form):
     close(t["bdr_combo"], ref_combo(bdr, bmap[..., None], m, 0.7, 0.4, 1e-6, form))
 
 
+def test_contact_weight_weighs_the_boundary_bce_between_touching_nuclei():
+    outputs, targets = _batch(seed=5)
+    rng = np.random.default_rng(6)
+    contact = (rng.random(np.shape(targets["boundary"])) < 0.1).astype(np.float32)
+    targets = {**targets, "contact": jnp.asarray(contact)}
+    cfg = get_config().loss
+    cfg.boundary = "bce"
+    _, plain = L.tsfd_loss(outputs, targets, cfg)
+    cfg.contact_weight = 9.0
+    _, weighted = L.tsfd_loss(outputs, targets, cfg)
+    bdr, bmap, m = (np.asarray(x) for x in (outputs["boundary_logits"], targets["boundary"],
+                                            targets["weight"]))
+    close(plain["bdr_bce"], ref_bce(bdr, bmap[..., None], m, "sigmoid"))
+    close(weighted["bdr_bce"], ref_bce(bdr, bmap[..., None], m, "sigmoid",
+                                       (1 + 9.0 * contact)[..., None]))
+    assert abs(float(weighted["bdr_bce"]) - float(plain["bdr_bce"])) > 1e-3
+    close(weighted["seg_ft"], plain["seg_ft"])  # the class terms do not change
+
+
 def test_tsfd_loss_cbb_resize_bf16_and_bad_names():
     tsfd_loss = _jitted_loss()
     # CBB: no tissue head, no tissue term

@@ -91,7 +91,8 @@ def test_eval_outputs_for_each_channel_set(batch, channels, n):
     assert inputs.shape == (B, 2 * H, 2 * H, n) and inputs.dtype == jnp.float32
     assert {k: (v.shape, v.dtype) for k, v in targets.items()} == {
         "cls": ((B, H, H), jnp.int32), "boundary": ((B, H, H), jnp.float32),
-        "tissue": ((B,), jnp.int32), "weight": ((B, H, H), jnp.float32)}
+        "contact": ((B, H, H), jnp.float32), "tissue": ((B,), jnp.int32),
+        "weight": ((B, H, H), jnp.float32)}
     # Without augmentation: RGB = bilinear x2 of the image / 255, stains from that RGB.
     rgb = jax.image.resize(batch["image"].astype(np.float32), (B, 2 * H, 2 * H, 3), "bilinear")
     np.testing.assert_allclose(np.asarray(inputs[..., :3]), np.asarray(rgb) / 255, atol=1e-5)

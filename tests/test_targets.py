@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from skimage.segmentation import find_boundaries
 
-from tsfd_jax.ops.targets import (boundaries, boundary_target, content_edge_band, frame_band,
-                                  semantic_onehot)
+from tsfd_jax.ops.targets import (boundaries, boundary_target, contacts, content_edge_band,
+                                  frame_band, semantic_onehot)
 
 _boundaries = jax.jit(boundaries)
 
@@ -33,6 +33,29 @@ def test_semantic_onehot_matches_eye():
 def test_boundaries_equal_skimage_on_random_maps(inst):
     ref = find_boundaries(inst, connectivity=1, mode="thick")
     np.testing.assert_array_equal(np.asarray(boundaries(jnp.asarray(inst))), ref)
+
+
+def contacts_loop(inst):
+    """Loop reference: a nucleus pixel with a 4-neighbour in another nucleus."""
+    h, w = inst.shape
+    out = np.zeros((h, w), bool)
+    for y in range(h):
+        for x in range(w):
+            for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+                yy, xx = y + dy, x + dx
+                if 0 <= yy < h and 0 <= xx < w and inst[y, x] > 0 and inst[yy, xx] > 0 \
+                        and inst[yy, xx] != inst[y, x]:
+                    out[y, x] = True
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(arrays(np.int32, st.tuples(st.integers(1, 12), st.integers(1, 12)),
+              elements=st.integers(0, 4)))
+def test_contacts_equal_a_loop_reference(inst):
+    got = np.asarray(contacts(jnp.asarray(inst)))
+    np.testing.assert_array_equal(got, contacts_loop(inst))
+    assert not (got & ~np.asarray(boundaries(jnp.asarray(inst)))).any()  # part of the boundary
 
 
 def test_boundaries_equal_skimage_on_real_maps(shared_data):

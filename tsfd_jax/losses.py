@@ -418,7 +418,13 @@ def tsfd_loss(outputs: dict, targets: dict, cfg_loss: Any) -> tuple[Array, dict[
         terms["bdr_combo"] = combo_loss(bdr, bmap, c["combo_alpha"], c["combo_ce_ratio"],
                                         form=form, mask=mask, activation="sigmoid")
     if "bce" in bdr_names:
-        terms["bdr_bce"] = bce_loss(bdr, bmap, None, mask, activation="sigmoid", clip=authors)
+        # Pixels between touching nuclei weigh 1 + contact_weight (the U-Net paper's separation
+        # weight, simplified): they are few, and they are what splits a cluster into nuclei.
+        cw = float(c.get("contact_weight", 0.0))
+        w = None
+        if cw and "contact" in targets:
+            w = 1.0 + cw * _f32(targets["contact"])[..., None]
+        terms["bdr_bce"] = bce_loss(bdr, bmap, w, mask, activation="sigmoid", clip=authors)
     if "dice" in bdr_names:
         terms["bdr_dice"] = dice_loss(bdr, bmap, None, mask, activation="sigmoid",
                                       eps=c["epsilon"])

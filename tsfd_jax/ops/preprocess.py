@@ -24,7 +24,7 @@ import ml_collections
 from tsfd_jax.ops.augment import augment_example
 from tsfd_jax.ops.resize import resize_bilinear, resize_nearest
 from tsfd_jax.ops.stain import MATRICES, SCALINGS, stain_channels
-from tsfd_jax.ops.targets import boundary_target
+from tsfd_jax.ops.targets import boundary_target, contacts
 
 CHANNEL_SETS = {"rgb": 3, "rgb_he": 5, "rgb_her": 6}  # PAPER Table 5's input variants
 
@@ -110,7 +110,8 @@ def make_preprocess_fn(cfg) -> Callable[[dict, jax.Array, bool], tuple[jax.Array
 
     batch: image uint8 (B, H, W, 3), inst int (B, H, W), cls int (B, H, W), tissue int32 (B,),
     valid bool (B,). Returns inputs float32 (B, S, S, n_ch) and targets
-    {cls int32 (B, H, W), boundary float32 (B, H, W), tissue int32 (B,), weight float32 (B, H, W)}.
+    {cls int32 (B, H, W), boundary float32 (B, H, W), contact float32 (B, H, W) (``contacts``),
+    tissue int32 (B,), weight float32 (B, H, W)}.
     Same key -> same output; works with the batch sharded over a mesh axis (AxisType.Auto).
     """
     settings = _input_settings(cfg)
@@ -139,6 +140,7 @@ def make_preprocess_fn(cfg) -> Callable[[dict, jax.Array, bool], tuple[jax.Array
         targets = {
             "cls": cls,
             "boundary": boundary,
+            "contact": contacts(inst).astype(jnp.float32),
             "tissue": jnp.asarray(batch["tissue"]).astype(jnp.int32),
             "weight": jnp.broadcast_to(valid.astype(jnp.float32)[:, None, None], (b, h, w)),
         }

@@ -43,6 +43,16 @@ def boundaries(inst: jax.Array) -> jax.Array:
     return out
 
 
+def contacts(inst: jax.Array) -> jax.Array:
+    """(..., H, W) labels -> (..., H, W) bool: nucleus pixels with a 4-neighbour in another
+    nucleus, the part of the boundary target that separates touching nuclei."""
+    out = jnp.zeros(inst.shape, bool)
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        other = _shift(inst, dy, dx)
+        out = out | ((other != inst) & (other > 0))
+    return out & (inst > 0)
+
+
 def frame_band(h: int, w: int, width: int = 2) -> jax.Array:
     """(h, w) bool: True within ``width`` px of the image edge (authors' 2-px frame, §3.4)."""
     ys = jnp.arange(h)[:, None]
