@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def build_dataset(root: Path, num_images: int, image_size: int, seed: int):
     """Synthetic PanNuke folds -> prepared dataset; returns the training-split source."""
-    from tsfd_jax.data import prepare, synthetic
+    from tsfd_jax.data import prepare, prepared as prepared_lib, synthetic
 
     raw, prepared = root / "pannuke", root / "prepared"
     synthetic.write_pannuke(raw, num_images, seed, folds=3, image_size=image_size)
     prepare.prepare("pannuke", raw, prepared, progress=False, log=lambda _: None)
-    return prepare.open_prepared(prepared).source("fold1")
+    return prepared_lib.open_prepared(prepared).source("fold1")
 
 
 def bench_host(source, batch: int, workers: int, steps: int) -> dict:

@@ -13,7 +13,8 @@ from scipy import stats
 
 from configs import tiny
 from tsfd_jax.data import pipeline as pl
-from tsfd_jax.data.prepare import open_prepared, prepare
+from tsfd_jax.data.prepare import prepare
+from tsfd_jax.data.prepared import open_prepared
 from tsfd_jax.data.resolve import eval_view, load_train
 from tsfd_jax.errors import UserError
 

@@ -12,7 +12,8 @@ import scipy.io
 from PIL import Image
 
 from tsfd_jax.data import folders as folders_lib
-from tsfd_jax.data.prepare import open_prepared, plan_folders, prepare
+from tsfd_jax.data.prepare import plan_folders, prepare
+from tsfd_jax.data.prepared import open_prepared
 from tsfd_jax.errors import UserError
 from tsfd_jax.image_io import read_image
 

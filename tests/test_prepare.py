@@ -18,7 +18,8 @@ from configs.default import get_config
 from tsfd_jax.constants import LABEL_NAMES, PANNUKE_TISSUES
 from tsfd_jax.data import folders as folders_lib
 from tsfd_jax.data import pannuke, split_lists
-from tsfd_jax.data.prepare import COMPLETE, IN_PROGRESS, open_prepared, prepare
+from tsfd_jax.data.prepare import prepare
+from tsfd_jax.data.prepared import COMPLETE, IN_PROGRESS, open_prepared
 from tsfd_jax.errors import UserError
 
 FIELDS = ("image", "inst", "cls", "tissue", "key")

@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tsfd_jax.config_files import load_config
     from tsfd_jax.data.pipeline import eval_batches
-    from tsfd_jax.data.prepare import open_prepared
+    from tsfd_jax.data.prepared import open_prepared
     from tsfd_jax.ops.preprocess import make_preprocess_fn
 
     out = Path(args.out)

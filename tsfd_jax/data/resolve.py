@@ -21,7 +21,8 @@ import jax
 import numpy as np
 
 from tsfd_jax.data.pipeline import TiledSource
-from tsfd_jax.data.prepare import COMPLETE, METADATA, PreparedDataset, open_prepared, prepare
+from tsfd_jax.data.prepare import prepare
+from tsfd_jax.data.prepared import COMPLETE, METADATA, PreparedDataset, open_prepared
 from tsfd_jax.data.sampling import MODES, image_labels, sampling_weights
 from tsfd_jax.data.split_lists import resolve_split
 from tsfd_jax.errors import UserError
