@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from tsfd_jax import atomic, parallel
@@ -47,7 +48,6 @@ KEY_BYTES = 512  # example keys travel between processes as fixed-width UTF-8
 
 def gather_host_batch(batch: dict) -> dict:
     """Every process's host batch concatenated in process order (a collective: all call it)."""
-    from jax.experimental import multihost_utils
 
     arrays = {k: np.asarray(v) for k, v in batch.items()
               if not isinstance(v, (list, tuple, str)) and np.asarray(v).dtype.kind not in "USO"}

@@ -37,6 +37,8 @@ from typing import Iterable
 
 import numpy as np
 import scipy.ndimage as ndi
+import tifffile
+from PIL import Image
 
 from tsfd_jax.constants import PANNUKE_TILE
 from tsfd_jax.errors import UserError
@@ -238,14 +240,10 @@ def _write_geojson(f, pred, label_names) -> None:
 # ---- image files -------------------------------------------------------------------------
 
 def _save_png(f, array: np.ndarray) -> None:
-    from PIL import Image
-
     Image.fromarray(np.asarray(array)).save(f, format="PNG")
 
 
 def _save_tif(f, array: np.ndarray) -> None:
-    import tifffile
-
     array = np.asarray(array) if not isinstance(array, np.memmap) else array
     big = array.nbytes > (1 << 31)
     tile = (256, 256) if min(array.shape[:2]) >= 256 else None

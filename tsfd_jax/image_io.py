@@ -21,11 +21,14 @@ Rules (docs/predict.md):
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tifffile
+from PIL import Image
 
 from tsfd_jax.errors import UserError
 
@@ -97,8 +100,6 @@ def _tiff_layout(path: Path, series) -> tuple[tuple[int, ...], str, int | None]:
 
 
 def _tiff_info(path: Path) -> tuple[ImageInfo, dict]:
-    import tifffile
-
     try:
         tf = tifffile.TiffFile(path)
     except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
@@ -128,8 +129,6 @@ def _tiff_info(path: Path) -> tuple[ImageInfo, dict]:
 
 
 def _read_tiff(path: Path, info: ImageInfo, meta: dict) -> np.ndarray:
-    import tifffile
-
     large = info.height * info.width > LARGE_PIXELS
     arr = None
     if info.dtype == "uint8":
@@ -167,8 +166,6 @@ def _read_tiff(path: Path, info: ImageInfo, meta: dict) -> np.ndarray:
 # ---- Pillow --------------------------------------------------------------------------------
 
 def _open_pillow(path: Path):
-    from PIL import Image
-
     # Whole-slide exports are large; the files are the user's own, not downloads.
     Image.MAX_IMAGE_PIXELS = None
     try:
@@ -211,8 +208,6 @@ def _read_pillow(path: Path) -> np.ndarray:
 
 def _scratch(shape: tuple[int, ...], dtype) -> np.memmap:
     """A writable memory map on an anonymous temporary file (removed when closed)."""
-    import tempfile
-
     return np.memmap(tempfile.TemporaryFile(prefix="tsfd-image-"), dtype=dtype, mode="w+",
                      shape=shape)
 

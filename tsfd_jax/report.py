@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+# Figure without pyplot: no global backend or figure registry (Agg renders savefig).
+from matplotlib.figure import Figure
 
 from tsfd_jax import atomic, paper
+from tsfd_jax.metrics.pixel import pr_curve
 from tsfd_jax.overlay import class_colors, overlay_pannuke
 
 
@@ -87,17 +90,14 @@ def write_report(report: dict, out_dir: Path, title: str) -> list[Path]:
 
 
 def _plots(report: dict, out_dir: Path) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     written = []
     label_names = ("background", *report["class_names"])
     if report.get("tissue"):
         cm = np.asarray(report["tissue"]["confusion"], float)
         names = report["tissue"]["names"]
         norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-        fig, ax = plt.subplots(figsize=(8, 7))
+        fig = Figure(figsize=(8, 7))
+        ax = fig.subplots()
         ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
         ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
         ax.set_yticks(range(len(names)), names, fontsize=7)
@@ -106,11 +106,10 @@ def _plots(report: dict, out_dir: Path) -> list[Path]:
         ax.set_title("Tissue confusion (row-normalised)")
         fig.tight_layout()
         written.append(_savefig(fig, out_dir / "tissue_confusion.png"))
-        plt.close(fig)
     pr = report.get("pr")
     if pr is not None and len(pr["labels"]):
-        from tsfd_jax.metrics.pixel import pr_curve
-        fig, ax = plt.subplots(figsize=(5, 5))
+        fig = Figure(figsize=(5, 5))
+        ax = fig.subplots()
         colors = class_colors(label_names)
         for c, name in enumerate(label_names[1:], start=1):
             precision, recall, _ = pr_curve(pr["scores"][:, c], pr["labels"] == c)
@@ -121,7 +120,6 @@ def _plots(report: dict, out_dir: Path) -> list[Path]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         written.append(_savefig(fig, out_dir / "pr_curves.png"))
-        plt.close(fig)
     if report.get("examples"):
         written.append(_overlay_grid(report["examples"], label_names, out_dir / "overlays.png"))
     return written

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from absl import logging as absl_logging
 import tensorflow_datasets as tfds
 from PIL import Image
 from tqdm import tqdm
@@ -372,7 +373,6 @@ def prepare(source: str, inputs: str | Path | Sequence[str | Path], out: str | P
 
 @contextlib.contextmanager
 def _quiet_absl() -> Iterator[None]:
-    from absl import logging as absl_logging
 
     level = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from tsfd_jax.data.pipeline import TiledSource
@@ -40,7 +41,6 @@ def _prepare_once(source: str, root: Path, out: Path, cfg) -> PreparedDataset:
         prepare(source, [root], out, val_fraction=float(cfg.data.get("val_fraction", 0.0)),
                 seed=int(cfg.seed), classes=_classes(cfg, source))
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"prepared {out}")
     return open_prepared(out)
 
