@@ -235,13 +235,18 @@ def _to_rgb8(path: Path, arr: np.ndarray) -> np.ndarray:
     return out
 
 
-def image_info(path: str | Path) -> ImageInfo:
-    """The header of an image, checked (size, channels, sample type) without decoding pixels."""
+def _image_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if path.is_dir():
         raise UserError(f"{path}: is a folder, not an image")
+    return path
+
+
+def image_info(path: str | Path) -> ImageInfo:
+    """The header of an image, checked (size, channels, sample type) without decoding pixels."""
+    path = _image_file(path)
     if _is_tiff(path):
         return _tiff_info(path)[0]
     return _pillow_info(path)
@@ -253,11 +258,7 @@ def read_image(path: str | Path) -> np.ndarray:
     Uncompressed uint8 TIFFs come back as a read-only memory map of the file; everything else as
     an array (large decoded TIFFs: a temporary memory map). Problems raise ``UserError``.
     """
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder, not an image")
+    path = _image_file(path)
     if _is_tiff(path):
         info, meta = _tiff_info(path)
         return _read_tiff(path, info, meta)
