@@ -25,16 +25,34 @@ A run is ``NAME:CONFIG[:variant] [--config.a.b=v ...]``. Results: a table on std
 ``--out``, JSON with one row per run (bPQ, mPQ, per-class PQ, Dice, detection F1, tuned
 numbers, images seen, steps, seconds). Workdirs go under ``--workdir`` and are reused when a run
 of the same config and budget exists there (a finished run is evaluated again, not retrained).
+
+StarDist as an external reference (``consep`` only): when the interpreter given by
+``--stardist-python`` (default: this one) can ``import stardist``, experiments/stardist_row.py
+runs under it on the same held-out split: StarDist2D trained on the training folder for the
+same ``--budget-min`` (its probability and NMS thresholds optimised on held-back source images
+of that folder), its predictions of the test tiles saved as ``evaluate --data`` saves them and
+scored here by the project's evaluator (evaluate_images.score_image + summarize: bPQ, mPQ,
+per-class PQ, Dice of the binary instance maps, detection F1), as the row ``stardist``. It has no
+tuned split (its thresholds are already tuned, on training images). StarDist is no dependency of
+the project (docs/learning.md, "StarDist as an external reference"); without it the row is
+skipped with one line saying so.
+
+  python experiments/bench_quality.py --dataset consep --data ../shared/data/consep/train \
+      --budget-min 20 --stardist-python ../sdenv/bin/python --out q_consep.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -47,6 +65,10 @@ DEFAULT_RUNS = {
 
 
 SYNTHETIC_SPLITS = ("fold1", "fold2", "fold3")
+STARDIST_SCRIPT = Path(__file__).resolve().with_name("stardist_row.py")
+STARDIST_NOTE = ("external reference: StarDist2D, its prob/NMS thresholds optimised on held-back "
+                 "source images of the training folder (no separate tuned evaluation); Dice of "
+                 "the binary instance maps")
 
 
 def parse_run(text: str) -> tuple[str, str, list[str]]:
@@ -103,11 +125,10 @@ def prepare_synthetic(root: Path, image_size: int, images_per_fold: int, seed: i
 
 
 def hold_out_images(root: Path, data: Path, fraction: float, seed: int,
-                    class_names) -> tuple[Path, Path]:
-    """Split an image + label folder by source image into a training folder (links) and a
-    prepared test set that neither training nor tuning sees; returns (train folder, test)."""
-    import os
-
+                    class_names) -> tuple[Path, Path, Path]:
+    """Split an image + label folder by source image into a training folder (links) and a test
+    folder (links) that neither training nor tuning sees, and prepare the test folder; returns
+    (train folder, test folder, prepared test)."""
     from tsfd_jax.data.folders import split_by_group
     from tsfd_jax.data.prepare import prepare
 
@@ -124,7 +145,75 @@ def hold_out_images(root: Path, data: Path, fraction: float, seed: int,
                     os.symlink(f.resolve(), link)
     prepared_test = base / "test-prepared"
     prepare("folders", [base / "test"], prepared_test, classes=class_names, progress=False)
-    return base / "train", prepared_test
+    return base / "train", base / "test", prepared_test
+
+
+def importable(python: str, module: str) -> bool:
+    """Whether the interpreter ``python`` can import ``module``."""
+    try:
+        return subprocess.run([python, "-c", f"import {module}"], capture_output=True,
+                              timeout=600).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def score_saved(folder: Path, pred_dir: Path, match_iou: float, radius: float) -> dict:
+    """Saved predictions of the images of a labelled ``folder`` (``pred_dir/<stem>_inst.npy`` +
+    ``<stem>_class.npy``, as ``evaluate --data`` writes them) scored as ``evaluate --data`` scores
+    its own: the report of evaluate_images.summarize."""
+    from tsfd_jax.data.folders import FolderDataset
+    from tsfd_jax.evaluate_images import score_image, summarize
+
+    dataset = FolderDataset(folder)
+    names = tuple(dataset.class_names) if dataset.typed else None
+    rows, keys = [], []
+    for i in range(len(dataset)):
+        ex = dataset.example(i)
+        inst = np.load(pred_dir / f"{ex['key']}_inst.npy", allow_pickle=False)
+        class_map = np.load(pred_dir / f"{ex['key']}_class.npy", allow_pickle=False)
+        classes = np.zeros(int(inst.max(initial=0)), np.int64)  # nucleus k-1: its pixels' label
+        classes[inst[inst > 0] - 1] = class_map[inst > 0]
+        rows.append(score_image(ex["inst"], ex["cls"] if names else None, inst, classes,
+                                len(dataset.class_names), match_iou))
+        keys.append(ex["key"])
+    return summarize(rows, keys, names, radius, match_iou)
+
+
+def stardist_python(python: str) -> str:
+    """``python`` where it can import stardist, else "" with the one line saying the StarDist
+    row is skipped."""
+    if importable(python, "stardist"):
+        return python
+    print(f"StarDist row: skipped (stardist not importable by {python}; pass "
+          "--stardist-python)", flush=True)
+    return ""
+
+
+def stardist_row(python: str, train_dir: Path, test_dir: Path, budget_min: float, out: Path,
+                 match_iou: float, radius: float, seed: int = 1) -> dict | None:
+    """The ``stardist`` row: experiments/stardist_row.py under ``python`` (output in
+    ``out/stardist.log``), its predictions scored by ``score_saved``; None (with one line
+    printed) where the script fails."""
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "stardist.log"
+    cmd = [python, str(STARDIST_SCRIPT), "--train", str(train_dir), "--test", str(test_dir),
+           "--budget-s", str(60.0 * budget_min), "--out", str(out), "--seed", str(seed)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    if rc != 0:
+        print(f"StarDist row: failed (exit {rc}; see {log})", flush=True)
+        return None
+    run = json.loads((out / "stardist.json").read_text())
+    report = score_saved(test_dir, Path(run["instances"]), match_iou, radius)
+    s = report["summary"]
+    return {"run": "stardist", "config": "external: StarDist2D", "overrides": [],
+            "dataset": "consep", "budget_min": budget_min, "note": STARDIST_NOTE,
+            "steps": run["steps"], "s_per_step": run["s_per_step"],
+            "train_wall_s": run["train_wall_s"], "images_seen": run["images_seen"],
+            **{k: s[k] for k in ("bPQ", "mPQ", "dice", "det_F1") if k in s},
+            "class_PQ": report["pq"]["class_PQ"], "thresholds": run["thresholds"],
+            "versions": run["versions"]}
 
 
 def main() -> None:
@@ -143,6 +232,9 @@ def main() -> None:
     p.add_argument("--no-tune", action="store_true", help="skip post-processing tuning")
     p.add_argument("--workdir", default="runs/quality", help="folder of the runs")
     p.add_argument("--out", default="", help="JSON file for the results")
+    p.add_argument("--stardist-python", default="",
+                   help="consep: a Python that can import stardist, for the StarDist row "
+                        "(default: this one)")
     args = p.parse_args()
 
     from tsfd_jax import compilation_cache
@@ -153,9 +245,9 @@ def main() -> None:
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
     runs = [parse_run(r) for r in (args.run or DEFAULT_RUNS[args.dataset])]
-    if args.dataset == "consep":
-        # An external reference row (StarDist trained at the same budget) is not built yet.
-        print("StarDist row: skipped (not implemented in this benchmark; see docs/learning.md)")
+    # Checked first, so that a missing StarDist is said before the runs, not after them.
+    sd_python = (stardist_python(args.stardist_python or sys.executable)
+                 if args.dataset == "consep" else "")
     rows = []
     header = (f"{'run':<16} {'steps':>6} {'images':>7} {'train s':>8} {'bPQ':>6} {'mPQ':>6} "
               f"{'Dice':>6} {'F1d':>6} {'bPQ tuned':>9} {'mPQ tuned':>9}  per-class PQ (tuned)")
@@ -178,8 +270,8 @@ def main() -> None:
         else:
             if not args.data:
                 raise SystemExit("--dataset consep needs --data FOLDER")
-            train_dir, test_data = hold_out_images(root, Path(args.data), args.test_fraction, 1,
-                                                   tuple(cfg.data.label_names)[1:])
+            train_dir, test_dir, test_data = hold_out_images(
+                root, Path(args.data), args.test_fraction, 1, tuple(cfg.data.label_names)[1:])
             cfg.data.root, test_split = str(train_dir), "train"
         workdir = root / f"{args.dataset}-{name}"
         trained = train_for_budget(cfg, workdir, 60.0 * args.budget_min)
@@ -201,6 +293,19 @@ def main() -> None:
               f"{untuned['det_F1']:>6.3f} {t['bPQ']:>9.3f} {t['mPQ']:>9.3f}  {cls}", flush=True)
         if args.out:
             write_json(args.out, {"machine": machine(), "args": vars(args), "rows": rows})
+    if sd_python:
+        row = stardist_row(sd_python, train_dir, test_dir, args.budget_min,
+                           root / "consep-stardist", float(cfg.eval.match_iou),
+                           float(cfg.eval.detection_radius))
+        if row is not None:
+            rows.append(row)
+            cls = " ".join(f"{v:.2f}" for v in row["class_PQ"].values())
+            print(f"{'stardist':<16} {row['steps']:>6} {row['images_seen']:>7} "
+                  f"{row['train_wall_s']:>8.0f} {row['bPQ']:>6.3f} {row['mPQ']:>6.3f} "
+                  f"{row['dice']:>6.3f} {row['det_F1']:>6.3f} {'-':>9} {'-':>9}  {cls}\n"
+                  f"  stardist: {STARDIST_NOTE}", flush=True)
+            if args.out:
+                write_json(args.out, {"machine": machine(), "args": vars(args), "rows": rows})
     if args.out:
         print(f"wrote {args.out}")
 

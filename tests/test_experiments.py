@@ -1,10 +1,14 @@
-"""The sweep runner (experiments/sweep.py) and the paper-table builder (experiments/tables.py).
+"""The sweep runner (experiments/sweep.py), the paper-table builder (experiments/tables.py) and
+the StarDist row of experiments/bench_quality.py.
 
 The runner's planning, naming, skipping, linking of repeated configs and command lines are tested
 with a fake executor that writes what a finished run leaves behind; the tables with hand-written
 report.json files, against means and sample standard deviations from numpy. One real end-to-end
 run (train + evaluate subprocesses on synthetic PanNuke data, then the tables) is marked slow:
-compiling even the tiny model's train step takes minutes on a busy 2-core CPU.
+compiling even the tiny model's train step takes minutes on a busy 2-core CPU. The StarDist row
+is tested without StarDist: the scoring of saved predictions against hand-computed and reference
+numbers, the rules experiments/stardist_row.py restates from tsfd_jax/data/folders.py, its
+conversion of StarDist's output, and the skip line.
 """
 
 from __future__ import annotations
@@ -12,13 +16,19 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from experiments import sweep, tables
+from experiments import bench_quality, stardist_row, sweep, tables
+from tests.pannuke_reference import ref_pannuke_pq
+from tests.test_instance_metrics import ref_dice
 from tsfd_jax import paper
+from tsfd_jax.data.folders import instances_and_classes, split_by_group
+from tsfd_jax.data.pannuke import to_pannuke_masks
 from tsfd_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -326,3 +336,103 @@ def test_sweep_and_tables_end_to_end(tmp_path):
     mpq = rep["summary"]["mPQ"]
     assert (t4["exp1"]["mPQ_mean"] == "") if mpq is None else (
         abs(float(t4["exp1"]["mPQ_mean"]) - mpq) < 1e-6)
+
+
+# ---- bench_quality: the StarDist row ---------------------------------------------------------
+
+CONSEP_CLASSES = ("other", "inflammatory", "epithelial", "spindle-shaped")
+
+
+def boxes(shape, spec) -> tuple[np.ndarray, np.ndarray]:
+    """(inst, type) maps of rectangles: spec rows (id, class, y0, y1, x0, x1)."""
+    inst, typ = np.zeros(shape, np.int32), np.zeros(shape, np.uint8)
+    for k, c, y0, y1, x0, x1 in spec:
+        inst[y0:y1, x0:x1], typ[y0:y1, x0:x1] = k, c
+    return inst, typ
+
+
+def test_saved_predictions_are_scored_as_evaluate_data_scores_them(tmp_path):
+    truth = {"a": boxes((64, 64), [(1, 1, 5, 15, 5, 15), (2, 2, 20, 32, 20, 30),
+                                   (5, 3, 40, 52, 40, 50)]),
+             "b": boxes((64, 64), [(1, 4, 5, 17, 5, 15), (2, 2, 25, 35, 8, 18),
+                                   (3, 3, 40, 50, 40, 55), (4, 1, 45, 58, 5, 15)])}
+    # a: exact, other ids; b: one class wrong, one shifted 2 px (IoU 2/3), one missed, one
+    # false positive.
+    pred = {"a": boxes((64, 64), [(3, 1, 5, 15, 5, 15), (2, 2, 20, 32, 20, 30),
+                                  (1, 3, 40, 52, 40, 50)]),
+            "b": boxes((64, 64), [(1, 2, 5, 17, 5, 15), (2, 2, 27, 37, 8, 18),
+                                  (3, 1, 45, 58, 5, 15), (4, 3, 2, 8, 50, 60)])}
+    folder, saved = tmp_path / "labelled", tmp_path / "instances"
+    folder.mkdir()
+    saved.mkdir()
+    (folder / "classes.txt").write_text("\n".join(CONSEP_CLASSES) + "\n")
+    rng = np.random.default_rng(0)
+    for key, (inst, typ) in truth.items():
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), np.uint8)).save(folder / f"{key}.png")
+        np.savez(folder / f"{key}.npz", inst=inst.astype(np.uint16), type=typ)
+        np.save(saved / f"{key}_inst.npy", pred[key][0])
+        np.save(saved / f"{key}_class.npy", pred[key][1])
+
+    report = bench_quality.score_saved(folder, saved, match_iou=0.5, radius=12.0)
+    s = report["summary"]
+    assert s["images"] == 2
+    # By hand: b has 3 matches (IoU 1, 2/3, 1), 1 FP, 1 FN: PQ 0.75 * 8/9 = 2/3; a has PQ 1.
+    assert abs(s["bPQ"] - (1 + 2 / 3) / 2) < 1e-5
+    assert abs(s["det_F1"] - 12 / 14) < 1e-9  # 6 TP, 1 FP, 1 FN (the shifted one 2 px away)
+    assert abs(s["dice"] - (1 + 2 * 330 / (500 + 410)) / 2) < 1e-9
+    keys = sorted(truth)
+    ref = ref_pannuke_pq(np.stack([to_pannuke_masks(*truth[k], 4) for k in keys]),
+                         np.stack([to_pannuke_masks(*pred[k], 4) for k in keys]),
+                         ["all"] * 2, CONSEP_CLASSES, ("all",))
+    assert abs(s["mPQ"] - ref["mPQ"]) < 1e-9 and abs(s["bPQ"] - ref["bPQ"]) < 1e-9
+    assert s["mPQ"] < s["bPQ"]  # the wrong class costs the class PQ only
+    for name in CONSEP_CLASSES:
+        got, want = report["pq"]["class_PQ"][name], ref["class_PQ"][name]
+        assert (got is None and np.isnan(want)) or abs(got - want) < 1e-9, name
+    assert [r["key"] for r in report["per_image"]] == keys
+    assert abs(report["per_image"][1]["dice"] - ref_dice(truth["b"][0], pred["b"][0])) < 1e-9
+
+
+def test_stardist_row_restates_the_folder_rules(shared_data):
+    folder = shared_data / "consep" / "train"
+    stems = sorted(p.stem for p in folder.glob("*.npz"))
+    for seed in (0, 1, 2):
+        for fraction in (0.2, 0.5):
+            assert stardist_row.split_sources(stems, fraction, seed) == split_by_group(
+                stems, fraction, seed)
+    assert stardist_row.read_classes(folder / "classes.txt") == CONSEP_CLASSES
+    # ids with gaps, a majority, a tie (-> the smaller label) and an untyped nucleus (dropped)
+    inst, typ = boxes((20, 20), [(3, 2, 0, 4, 0, 4), (7, 1, 6, 8, 0, 4), (9, 0, 10, 14, 0, 4)])
+    inst[0, 0], typ[0, 0] = 3, 1
+    typ[7, :2] = 4
+    cases = [(inst, typ)]
+    for f in sorted(folder.glob("*.npz"))[:3]:
+        with np.load(f) as z:
+            cases.append((z["inst"], z["type"]))
+    for inst, typ in cases:
+        want_inst, want_cls, _ = instances_and_classes(inst, typ, 4)
+        got_inst, got_classes = stardist_row.instances_and_classes(inst, typ, 4)
+        np.testing.assert_array_equal(got_inst, want_inst)
+        np.testing.assert_array_equal(np.concatenate([[0], got_classes])[got_inst], want_cls)
+    assert stardist_row.instances_and_classes(*cases[0], 4)[1].tolist() == [2, 1]
+
+
+def test_stardist_output_becomes_the_saved_maps():
+    labels = np.zeros((10, 10), np.int32)
+    labels[0:3, 0:3], labels[5:8, 5:8] = 1, 3  # polygon 2 was covered whole by others
+    class_prob = np.array([[0.1, 0.2, 0.7, 0.0, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2],
+                           [0.9, 0.02, 0.03, 0.05, 0.0]])  # background first: class 3 wins
+    inst, class_map = stardist_row.to_maps(labels, class_prob)
+    assert inst.dtype == np.int32 and class_map.dtype == np.uint8
+    np.testing.assert_array_equal(inst, np.where(labels == 3, 2, labels))
+    np.testing.assert_array_equal(class_map, np.select([labels == 1, labels == 3], [2, 3], 0))
+    empty = stardist_row.to_maps(np.zeros((4, 4), np.int32), np.zeros((0, 5)))
+    assert not empty[0].any() and not empty[1].any()
+
+
+def test_without_stardist_the_row_is_skipped_with_one_line(capsys):
+    assert bench_quality.importable(sys.executable, "json")
+    assert not bench_quality.importable(sys.executable, "no_such_module_for_the_test")
+    assert bench_quality.stardist_python("/nonexistent/python") == ""
+    assert capsys.readouterr().out == ("StarDist row: skipped (stardist not importable by "
+                                       "/nonexistent/python; pass --stardist-python)\n")
