@@ -97,6 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.seg_third_term = True       # PAPER Eq. 3 third term; False = authors' code (§1.7)
     m.tissue_head = True          # FDB (True) or CBB (False)
     m.classifier_dropout = 0.3
+    m.stem_skip = 0               # not the paper: stem features into the output heads (channels)
     m.bn_momentum = 0.99          # BatchNorm running-average decay (Keras default, §1.1)
     m.dtype = "float32"           # float32 | bfloat16 (compute; params stay float32)
     m.depthwise_impl = "auto"     # auto (shift on CPU, XLA grouped conv elsewhere) | shift | conv

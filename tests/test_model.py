@@ -574,3 +574,31 @@ def test_load_config_rejects_missing_files_and_variants(tmp_path):
         load_config(str(tmp_path / "nope.py"))
     with pytest.raises(UserError, match="unknown variant"):
         load_config(DEFAULT + ":fold9")
+
+
+def test_stem_skip_starts_as_the_paper_head_and_learns_from_the_stem():
+    """model.stem_skip adds SkipRefine to both heads: at initialisation the logits equal the
+    model without it (its last conv starts at zero); every other parameter is the same draw;
+    once that conv is non-zero the stem features change the logits."""
+    cfg = tiny_cfg()
+    x = jax.random.uniform(jax.random.key(1), input_shape(cfg, 2, 64))
+    plain_model = build_model(cfg)
+    plain = plain_model.init(jax.random.key(0), x, train=False)
+    cfg.model.stem_skip = 8
+    skip_model = build_model(cfg)
+    skip = skip_model.init(jax.random.key(0), x, train=False)
+    extra = set(skip["params"]) - set(plain["params"])
+    assert extra == {"seg_skip", "boundary_skip"}
+    for name in plain["params"]:
+        jax.tree.map(np.testing.assert_array_equal, plain["params"][name], skip["params"][name])
+    out_plain = plain_model.apply(plain, x, train=False)
+    out_skip = skip_model.apply(skip, x, train=False)
+    for k in out_plain:
+        np.testing.assert_allclose(out_skip[k], out_plain[k], atol=1e-6)
+    params = dict(skip["params"])
+    head = dict(params["seg_skip"])
+    head["out"] = {**head["out"], "kernel": jnp.ones_like(head["out"]["kernel"])}
+    params["seg_skip"] = head
+    moved = skip_model.apply({**skip, "params": params}, x, train=False)
+    assert np.abs(moved["seg_logits"] - out_plain["seg_logits"]).max() > 1e-3
+    np.testing.assert_allclose(moved["boundary_logits"], out_plain["boundary_logits"], atol=1e-6)

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from tsfd_jax.models.bifpn import FusionNode, glorot_uniform, level_name, resize_to
 from tsfd_jax.models.layers import Layers
@@ -93,3 +94,24 @@ class UpsamplingBlock(nn.Module):
                                        name="conv_transpose")(x)
         y = nn.silu(a + b)
         return self.layers.depthwise(3, kernel_init=glorot_uniform, name="dwconv")(y)
+
+
+class SkipRefine(nn.Module):
+    """Not in the paper (``model.stem_skip``, docs/model.md): a correction to an output block's
+    logits from the decoder map and the backbone's stem features, which are at the output
+    resolution (stride 2). (B, H, W, C) + (B, 2H, 2W, C_stem) -> (B, 2H, 2W, features):
+    concat -> conv 3x3 (``channels``) -> BN -> swish -> conv 1x1. The last conv starts at zero,
+    so an untrained refinement leaves the paper's head unchanged."""
+
+    features: int
+    channels: int
+    layers: Layers = Layers()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, stem: jax.Array, train: bool) -> jax.Array:
+        h = jnp.concatenate([resize_to(x, stem.shape[1:3]), stem.astype(x.dtype)], axis=-1)
+        h = self.layers.conv(self.channels, 3, use_bias=False, kernel_init=glorot_uniform,
+                             name="conv")(h)
+        h = nn.silu(self.layers.norm(train, "bn")(h))
+        return self.layers.conv(self.features, 1, kernel_init=nn.initializers.zeros,
+                                name="out")(h)

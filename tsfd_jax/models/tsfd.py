@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from tsfd_jax.models.bifpn import BiFPN, GatingBlock, glorot_uniform, level_name
-from tsfd_jax.models.decoders import InterlinkedDecoders, UpsamplingBlock
+from tsfd_jax.models.decoders import InterlinkedDecoders, SkipRefine, UpsamplingBlock
 from tsfd_jax.models.efficientnet import (DEFAULT_TAPS, EfficientNet, efficientnet_config,
                                           stage_end_taps)
 from tsfd_jax.models.layers import DEPTHWISE_IMPLS, Layers
@@ -69,13 +69,15 @@ class TSFDNet(nn.Module):
     num_tissues: int = 19
     tissue_head: bool = True          # FDB; False = CBB
     classifier_dropout: float = 0.3
+    stem_skip: int = 0                # channels of SkipRefine from the stem; 0 = the paper
     layers: Layers = Layers()         # compute dtype, BatchNorm, depthwise lowering
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
         layers = self.layers
+        taps = tuple(self.taps) + (("stem",) if self.stem_skip and "stem" not in self.taps else ())
         feats = EfficientNet(self.width_mult, self.depth_mult, self.drop_connect_rate,
-                             tuple(self.taps), layers, name="backbone")(x, train)
+                             taps, layers, name="backbone")(x, train)
         p = [feats[t] for t in self.taps]
         p = Gating(self.gating_channels, self.gating_dropout, layers, name="gating")(p, train)
         gated_top = p[-1]
@@ -88,6 +90,12 @@ class TSFDNet(nn.Module):
             "seg_logits": UpsamplingBlock(self.num_labels, layers, name="seg_head")(seg),
             "boundary_logits": UpsamplingBlock(1, layers, name="boundary_head")(bdr),
         }
+        if self.stem_skip:
+            stem = feats["stem"]
+            out["seg_logits"] += SkipRefine(self.num_labels, self.stem_skip, layers,
+                                            name="seg_skip")(seg, stem, train)
+            out["boundary_logits"] += SkipRefine(1, self.stem_skip, layers,
+                                                 name="boundary_skip")(bdr, stem, train)
         if self.tissue_head:
             # TC on the gated P7 (docs/model.md); the softmax lives in the loss.
             v = jnp.mean(gated_top.astype(jnp.float32), axis=(1, 2))
@@ -140,7 +148,7 @@ def build_model(cfg) -> nn.Module:
         node_dropout=float(m.node_dropout), seg_third_term=bool(m.seg_third_term),
         num_labels=len(cfg.data.label_names), num_tissues=num_tissues,
         tissue_head=bool(m.tissue_head), classifier_dropout=float(m.classifier_dropout),
-        layers=model_layers(cfg))
+        stem_skip=int(m.stem_skip), layers=model_layers(cfg))
 
 
 def model_layers(cfg) -> Layers:
