@@ -47,7 +47,7 @@ def test_weights_equal_the_definition(mode, gamma):
 
 
 def test_bad_mode_and_gamma_are_refused():
-    with pytest.raises(ValueError, match="data.sampling 'rare'"):
+    with pytest.raises(UserError, match="data.sampling 'rare'"):
         sampling_weights("rare", 0.5, np.ones((2, 2), bool), [0, 0])
     with pytest.raises(ValueError, match="sampling_gamma 1.5"):
         sampling_weights("class", 1.5, np.ones((2, 2), bool), [0, 0])

@@ -24,7 +24,7 @@ import numpy as np
 from tsfd_jax.data.pipeline import TiledSource
 from tsfd_jax.data.prepare import prepare
 from tsfd_jax.data.prepared import COMPLETE, METADATA, PreparedDataset, open_prepared
-from tsfd_jax.data.sampling import MODES, image_labels, sampling_weights
+from tsfd_jax.data.sampling import check_mode, image_labels, sampling_weights
 from tsfd_jax.data.split_lists import resolve_split
 from tsfd_jax.errors import UserError
 from tsfd_jax.ops.preprocess import at_label_size, input_size_at
@@ -128,12 +128,9 @@ def load_train(cfg, workdir: str | Path) -> tuple[Any, int | None, np.ndarray | 
     size = int(cfg.data.image_size)
     shapes = example_shapes(prepared, source)
     _too_small(shapes, source.keys, size, prepared.root, "data.image_size")
-    mode = str(cfg.data.get("sampling", "") or "")
+    mode = check_mode(str(cfg.data.get("sampling", "") or ""))
     weights = None
     if mode:
-        if mode not in MODES:
-            raise UserError(f"data.sampling {mode!r}: expected one of "
-                            f"{', '.join(repr(m) for m in MODES)}")
         if "tissue" in mode and not prepared.tissue_names:
             raise UserError(f"{prepared.root}: data.sampling {mode!r} needs tissue labels, "
                             "which this dataset does not have")

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from tsfd_jax.errors import UserError
+
 MODES = ("", "class", "tissue", "class+tissue")
 
 
@@ -43,11 +45,17 @@ def _normalised(score: np.ndarray) -> np.ndarray:
     return score / mean if mean > 0 else np.ones_like(score)
 
 
+def check_mode(mode: str) -> str:
+    """``mode`` when it is one of MODES, else a UserError naming them."""
+    if mode not in MODES:
+        raise UserError(f"data.sampling {mode!r}: expected one of {', '.join(map(repr, MODES))}")
+    return mode
+
+
 def sampling_weights(mode: str, gamma: float, presence: np.ndarray | None = None,
                      tissues: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
     """(N,) float64 weights of the module docstring for ``mode`` in MODES ('' -> all ones)."""
-    if mode not in MODES:
-        raise ValueError(f"data.sampling {mode!r}: expected one of {', '.join(map(repr, MODES))}")
+    check_mode(mode)
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"data.sampling_gamma {gamma}: must be in [0, 1]")
     parts = []
