@@ -6,13 +6,17 @@ tiles (CoNSeP, 0.25 um/px) placed on white glass, in the two ways a reader learn
 test_predict the row-by-row slide path gives exactly the nuclei of ``predict_image`` on the
 level-0 picture, in level-0 coordinates (also for a region and a resampled level); a run stopped
 after some rows and restarted writes byte-identical files; bad slides fail with one line naming
-the file. The real command runs the tiny random model; the SIGKILL test is marked slow.
+the file. The real command runs the tiny random model; the SIGKILL test is marked slow. The
+optional label store (zarr) holds exactly the table's nuclei under the table's ids, and a run
+stopped or killed between the store's write and the state's resumes to the very same array.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from PIL import Image
+from scipy import ndimage as ndi
 
 from experiments.wsi_slides import consep_mosaic_block, consep_tiles, write_pyramid
 # tiny_workdir and jax_cache are test_predict's module fixtures, reused here.
@@ -286,6 +292,160 @@ def test_other_arguments_are_refused_and_complete_is_skipped(slides, cfg, tmp_pa
     assert (mine / "s_nuclei.csv").read_text() == "a user's table"
 
 
+# ---- the label store (--label-store) -------------------------------------------------------
+
+def read_table(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def labels_of(out: Path) -> tuple[np.ndarray, dict]:
+    store = zarr.open_array(str(out / "s_labels.zarr"), mode="r")
+    return store[:], store.attrs.asdict()
+
+
+def check_store_against_table(labels: np.ndarray, attrs: dict, table: list[dict]) -> None:
+    """Every id 1..N has the pixels of the table's row N: area, centroid and box."""
+    n = len(table)
+    assert n > 20 and attrs["nuclei"] == n
+    assert labels.dtype == np.int32 and labels.min() == 0 and labels.max() == n
+    assert set(np.unique(labels)) == set(range(n + 1))  # no id outside 1..N, none missing
+    (ox, oy), (sx, sy) = attrs["origin"], attrs["scale"]
+    rows, cols = np.indices(labels.shape)
+    flat = labels.ravel()
+    count = np.bincount(flat, minlength=n + 1)
+    r_mean = np.bincount(flat, rows.ravel(), n + 1) / np.maximum(count, 1)
+    c_mean = np.bincount(flat, cols.ravel(), n + 1) / np.maximum(count, 1)
+    boxes = ndi.find_objects(labels)
+    for row in table:
+        k = int(row["id"])
+        assert float(row["area_px"]) == pytest.approx(count[k] * sx * sy, abs=0.006), k
+        assert float(row["x"]) == pytest.approx(ox + (c_mean[k] + 0.5) * sx - 0.5, abs=0.006)
+        assert float(row["y"]) == pytest.approx(oy + (r_mean[k] + 0.5) * sy - 0.5, abs=0.006)
+        ys, xs = boxes[k - 1]
+        assert [int(row[c]) for c in ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")] == [
+            int(np.floor(ox + xs.start * sx)), int(np.floor(oy + ys.start * sy)),
+            int(np.ceil(ox + xs.stop * sx)), int(np.ceil(oy + ys.stop * sy))], k
+
+
+def test_label_store_holds_the_table_nuclei(slides, block, cfg, tmp_path, monkeypatch):
+    """A region at an offset, chunks of 100 px (not the tile grid's: nuclei straddle chunk
+    edges): ids and pixels are the CSV's nuclei, and the map is predict_image's on the crop
+    (one store id per reference nucleus, pixel for pixel). Then a resampled grid (scale 2)."""
+    monkeypatch.setattr(S, "LABEL_CHUNK", 100)
+    region = (48, 96, 960, 816)
+    x, y, w, h = region
+    out = tmp_path / "r"
+    with S.Slide(slides["tags"]) as slide:
+        plan, summary = run_fake(slide, cfg, out, region=region, label_store=True)
+    store = zarr.open_array(str(out / "s_labels.zarr"), mode="r")
+    assert store.shape == (plan.height, plan.width) == (h, w) and store.chunks == (100, 100)
+    labels, attrs = labels_of(out)
+    assert attrs["origin"] == [x, y] and attrs["scale"] == [1.0, 1.0]
+    assert attrs["mpp"] == 0.25 and attrs["slide"] == "tags.tif"
+    assert attrs["label_names"] == list(cfg.data.label_names)
+    assert summary["files"]["labels"] == "s_labels.zarr" and summary["job"]["label_store"]
+    table = read_table(out / "s_nuclei.csv")
+    check_store_against_table(labels, attrs, table)
+    features = json.loads((out / "s_nuclei.geojson").read_text())["features"]
+    assert [f["properties"]["measurements"]["id"] for f in features] == list(
+        range(1, len(table) + 1))
+    ref = P.predict_image(block(y, x, h, w), fake_predict_fn, cfg, tile=64, overlap=16,
+                          batch_size=4).inst
+    ref = np.asarray(ref)
+    assert ((labels > 0) == (ref > 0)).all()
+    pairs = np.unique(np.stack([labels[labels > 0], ref[labels > 0]]), axis=1)
+    assert pairs.shape[1] == len(table) == len(np.unique(ref)) - 1  # a bijection of nuclei
+    # --mpp 0.5: level 1 as it is, every grid pixel 2 x 2 level-0 pixels
+    with S.Slide(slides["tags"]) as slide:
+        plan, _ = run_fake(slide, cfg, tmp_path / "half", mpp=0.5,
+                           tissue=S.everywhere(slide, 0.25), label_store=True)
+    labels, attrs = labels_of(tmp_path / "half")
+    assert labels.shape == (H // 2, W // 2) and attrs["scale"] == [2.0, 2.0]
+    assert attrs["mpp"] == 0.5 and attrs["origin"] == [0.0, 0.0]
+    check_store_against_table(labels, attrs, read_table(tmp_path / "half" / "s_nuclei.csv"))
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_label_store_resumes_to_the_same_array(slides, cfg, tmp_path, monkeypatch):
+    """Stopped after some rows, then 'killed' after a row's store write but before its state:
+    the store is ahead of the state, the row runs again, and the finished store equals an
+    uninterrupted run's (and so do the tables)."""
+    monkeypatch.setattr(S, "LABEL_CHUNK", 128)
+    with S.Slide(slides["tags"]) as slide:
+        run_fake(slide, cfg, tmp_path / "a", label_store=True)
+        assert run_fake(slide, cfg, tmp_path / "b", label_store=True, stop_after_rows=4)[1] is None
+        partial = S.partial_dir(tmp_path / "b", "s")
+        assert (partial / "labels.zarr" / "zarr.json").exists()
+        on_disk = lambda: json.loads((partial / "state.json").read_text())  # noqa: E731
+        save = S._SlideRun._save_state
+
+        def killed(run):  # the first row from the 6th on that adds nuclei dies before its state
+            if run.state["rows_done"] >= 6 and run.state["nuclei"] > on_disk()["nuclei"]:
+                raise _Killed
+            save(run)
+
+        monkeypatch.setattr(S._SlideRun, "_save_state", killed)
+        with pytest.raises(_Killed):
+            run_fake(slide, cfg, tmp_path / "b", label_store=True)
+        monkeypatch.setattr(S._SlideRun, "_save_state", save)
+        state = on_disk()
+        ahead = zarr.open_array(str(partial / "labels.zarr"), mode="r")[:]
+        assert state["rows_done"] >= 5 and ahead.max() > state["nuclei"] > 0  # the store is ahead
+        calls = 0
+        while run_fake(slide, cfg, tmp_path / "b", label_store=True,
+                       stop_after_rows=5)[1] is None:
+            calls += 1
+        assert calls >= 1
+    a, attrs_a = labels_of(tmp_path / "a")
+    b, attrs_b = labels_of(tmp_path / "b")
+    assert np.array_equal(a, b) and attrs_a == attrs_b and a.max() == attrs_a["nuclei"] > 20
+    for key in ("geojson", "csv", "summary"):
+        assert (S.slide_output_paths(tmp_path / "a", "s")[key].read_bytes()
+                == S.slide_output_paths(tmp_path / "b", "s")[key].read_bytes()), key
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(
+        p.name for p in (tmp_path / "a").iterdir())  # the partial folder is gone
+
+
+def test_label_store_only_when_asked_and_part_of_the_job(slides, cfg, tmp_path):
+    out = tmp_path / "o"
+    with S.Slide(slides["tags"]) as slide:
+        run_fake(slide, cfg, out, stop_after_rows=2)
+        assert not (S.partial_dir(out, "s") / "labels.zarr").exists()
+        with pytest.raises(UserError, match=r"unfinished run with other arguments "
+                                            r"\(label_store: None -> True\)"):
+            run_fake(slide, cfg, out, label_store=True)
+        _, summary = run_fake(slide, cfg, out)
+        assert "labels" not in summary["files"] and "label_store" not in summary["job"]
+        assert sorted(p.name for p in out.iterdir()) == sorted(
+            S.slide_output_paths(out, "s")[k].name for k in FILES)  # no store without the flag
+        with pytest.raises(UserError, match=r"s_nuclei\.geojson: already exists"):
+            run_fake(slide, cfg, out, label_store=True)  # complete, but not with a store
+        _, summary = run_fake(slide, cfg, out, label_store=True, overwrite=True)
+        assert summary["files"]["labels"] == "s_labels.zarr"
+        assert labels_of(out)[0].max() == summary["nuclei"]["total"] > 0
+        before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+        run_fake(slide, cfg, out, label_store=True)      # complete with its store: skipped
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+        run_fake(slide, cfg, out, label_store=True, overwrite=True)  # a store over a store
+        assert labels_of(out)[0].max() == summary["nuclei"]["total"]
+        run_fake(slide, cfg, out, overwrite=True)        # another job: its old store goes too
+        assert not (out / "s_labels.zarr").exists()
+        assert sorted(p.name for p in out.iterdir()) == sorted(before.keys() - {"s_labels.zarr"})
+        # a store folder of this stem is in the way of a new job like any other output
+        (tmp_path / "mine" / "s_labels.zarr").mkdir(parents=True)
+        with pytest.raises(UserError, match=r"s_labels\.zarr: already exists"):
+            run_fake(slide, cfg, tmp_path / "mine")
+        # an unfinished run that lost its store is damaged, not silently continued
+        run_fake(slide, cfg, tmp_path / "lost", label_store=True, stop_after_rows=2)
+        shutil.rmtree(S.partial_dir(tmp_path / "lost", "s") / "labels.zarr")
+        with pytest.raises(UserError, match=r"damaged \(labels\.zarr is missing\)"):
+            run_fake(slide, cfg, tmp_path / "lost", label_store=True)
+
+
 # ---- bad slides: one line naming the file --------------------------------------------------
 
 def test_bad_slides(slides, tmp_path):
@@ -357,9 +517,14 @@ def test_command_on_slides(slides, tiny_workdir, jax_cache, tmp_path):
     listing.write_text(f"{slides['tags']}\n# a comment\n\n{slides['aperio']}\n")
     shard0 = cli([*common, "--input", str(listing), "--shard", "0/2"], jax_cache)
     assert shard0.returncode == 0 and "skipped" in shard0.stdout, shard0.stderr
-    shard1 = cli([*common, "--input", str(listing), "--shard", "1/2"], jax_cache)
+    shard1 = cli([*common, "--input", str(listing), "--shard", "1/2", "--label-store"],
+                 jax_cache)
     assert shard1.returncode == 0, shard1.stderr
-    assert (out / "aperio_summary.json").exists()
+    assert (out / "aperio_summary.json").exists() and not (out / "tags_labels.zarr").exists()
+    store = zarr.open_array(str(out / "aperio_labels.zarr"), mode="r")
+    assert store.shape == (H, W) and store.attrs["slide"] == "aperio.svs"
+    assert store[:].max() == summary["nuclei"]["total"]
+    assert json.loads((out / "aperio_summary.json").read_text())["job"]["label_store"] is True
     a = json.loads((out / "aperio_nuclei.geojson").read_text())["features"]
     t = fc["features"]
     assert [f["geometry"] for f in a] == [f["geometry"] for f in t]  # same pixels, same nuclei
@@ -381,6 +546,9 @@ def test_command_errors_are_one_line(slides, tiny_workdir, tmp_path, capsys):
     assert "cut.tif: truncated slide" in _main_error([*wd, "--input", str(cut)], capsys)
     assert "--shard 2/2" in _main_error([*wd, "--input", str(slides["tags"]), "--shard", "2/2"],
                                         capsys)
+    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(tmp_path / "plain.png")
+    assert "--label-store apply to whole slides; the input has none" in _main_error(
+        [*wd, "--input", str(tmp_path / "plain.png"), "--label-store"], capsys)
     assert not out.exists()  # nothing written for any of these
 
 

@@ -23,6 +23,12 @@ docs/predict.md ("Whole slides") has the user's view; the rules in short:
   reach (entirely above the next row's first pixel) are finished and appended to the GeoJSON and
   CSV files. Nothing slide-sized is kept: the band, one batch of probabilities, the nuclei that
   cross the band's lower edge and a fixed-size mask.
+* **Label store** (optional, ``label_store``). The instance map on the plan's model-pixel grid as
+  a chunked, compressed zarr v3 array (``LABEL_CHUNK`` px a side, int32, 0 = background, id k =
+  the k-th nucleus of the CSV and GeoJSON), written as rows are committed: per committed row and
+  chunk column, the chunks its kept nuclei touch are read whole, pasted into, written back and
+  synced, before the row's table bytes and its state. Pasting is idempotent (the same ids onto the
+  same pixels), so a row run again after a kill leaves the store as one run would.
 * **Resumable.** After every tile row the appended bytes are flushed and synced, then the state
   (rows done, file lengths, counts, the unfinished nuclei) is written to a temporary file and
   renamed over the old one; a restart with the same arguments (``job``) truncates the files to
@@ -54,10 +60,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import zarr
 from PIL import Image
+from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
-from scipy import ndimage as ndi
+from zarr.codecs import ZstdCodec
 
 from tsfd_jax import atomic, exports
 from tsfd_jax.errors import UserError
@@ -79,6 +87,7 @@ THUMBNAIL_SIDE = 2048             # longest side of the overlay picture
 PREFETCH = 2                      # batches of tiles read ahead of the model
 _BLOCK = 2048                     # level pixels per side read at a time when reducing
 JOB_VERSION = 1
+LABEL_CHUNK = 1024                # label store chunk side (model pixels)
 
 
 # ---- reading -------------------------------------------------------------------------------
@@ -664,11 +673,24 @@ class RowStitcher(Stitcher):
 SLIDE_OUTPUTS = ("geojson", "csv", "overlay", "tissue", "summary")
 
 
-def slide_output_paths(out_dir: str | Path, stem: str) -> dict[str, Path]:
+def slide_output_paths(out_dir: str | Path, stem: str,
+                       label_store: bool = False) -> dict[str, Path]:
+    """A job's outputs (with ``label_store``: ``labels``, a zarr folder), the summary last."""
     out_dir = Path(out_dir)
-    return {"geojson": out_dir / f"{stem}_nuclei.geojson", "csv": out_dir / f"{stem}_nuclei.csv",
-            "overlay": out_dir / f"{stem}_overlay.png", "tissue": out_dir / f"{stem}_tissue.png",
-            "summary": out_dir / f"{stem}_summary.json"}
+    paths = {"geojson": out_dir / f"{stem}_nuclei.geojson", "csv": out_dir / f"{stem}_nuclei.csv",
+             "overlay": out_dir / f"{stem}_overlay.png", "tissue": out_dir / f"{stem}_tissue.png"}
+    if label_store:
+        paths["labels"] = out_dir / f"{stem}_labels.zarr"
+    paths["summary"] = out_dir / f"{stem}_summary.json"
+    return paths
+
+
+def job_with_label_store(job: dict, label_store: bool) -> dict:
+    """``job`` with the label store's flag: ``"label_store": True`` when asked for, no key
+    otherwise (a job without a store is described as before the option existed, so such runs
+    still resume and still count as complete)."""
+    job = {k: v for k, v in job.items() if k != "label_store"}
+    return {**job, "label_store": True} if label_store else job
 
 
 def partial_dir(out_dir: str | Path, stem: str) -> Path:
@@ -695,7 +717,7 @@ def _differences(saved: dict, job: dict) -> str:
 def slide_status(out_dir: str | Path, stem: str, job: dict, overwrite: bool) -> str:
     """'complete' (the outputs of this very job exist), 'resume' (its unfinished run exists) or
     'fresh'; UserError when a different job's files are in the way and not ``overwrite``."""
-    paths = slide_output_paths(out_dir, stem)
+    paths = slide_output_paths(out_dir, stem, bool(job.get("label_store")))
     partial = partial_dir(out_dir, stem)
     if partial.exists():
         try:
@@ -714,7 +736,8 @@ def slide_status(out_dir: str | Path, stem: str, job: dict, overwrite: bool) -> 
                 return "complete"
         except (OSError, ValueError, AttributeError):
             pass
-    existing = [p for p in paths.values() if p.exists()]
+    # Any output of this stem is in the way, the label store too when this job writes none.
+    existing = [p for p in slide_output_paths(out_dir, stem, True).values() if p.exists()]
     if existing and not overwrite:
         raise UserError(f"{existing[0]}: already exists (another run's, or not ours); pass "
                         f"--overwrite to replace it")
@@ -770,13 +793,15 @@ class _Prefetch:
 def predict_slide(slide: Slide, predict_fn: PredictFn, cfg, out_dir: str | Path, stem: str, *,
                   plan: SlidePlan, tissue: TissueMask, job: dict, tile: int | None = None,
                   overlap: int | None = None, batch_size: int = 8, workers: int = 0,
-                  overwrite: bool = False,
+                  overwrite: bool = False, label_store: bool = False,
                   progress: Callable[[int, int], None] | None = None,
                   stop_after_rows: int | None = None, prefetch: int = PREFETCH) -> dict | None:
     """Nuclei of ``plan``'s region of a slide -> ``<stem>_*`` files in ``out_dir`` (module doc).
 
     ``job``: what makes two runs the same (the caller's fingerprint of slide, model and
     arguments); a finished job's outputs are returned as they are, an unfinished one continues.
+    label_store: also write ``<stem>_labels.zarr`` (module doc); part of the job
+    (``job_with_label_store``).
     progress(tiles_done, tiles_total) after every batch. stop_after_rows: return None after
     that many rows of this call (the state saved, as after a kill; for tests). Returns the
     summary (the dict written to ``<stem>_summary.json``).
@@ -786,8 +811,9 @@ def predict_slide(slide: Slide, predict_fn: PredictFn, cfg, out_dir: str | Path,
     overlap = default_overlap(tile) if overlap is None else int(overlap)
     if not 0 <= overlap < tile:
         raise UserError(f"--overlap {overlap}: must be at least 0 and below the tile size {tile}")
+    job = job_with_label_store(job, label_store)
     status = slide_status(out_dir, stem, job, overwrite)
-    paths = slide_output_paths(out_dir, stem)
+    paths = slide_output_paths(out_dir, stem, label_store)
     if status == "complete":
         return json.loads(paths["summary"].read_text())
     run = _SlideRun(slide, cfg, out_dir, stem, plan, tissue, job, tile, overlap)
@@ -814,9 +840,12 @@ class _SlideRun:
         self.tissue_names = tuple(cfg.data.tissue_names)
         self.colors = class_colors(self.label_names)
         self.dir = partial_dir(out_dir, stem)
-        self.paths = slide_output_paths(out_dir, stem)
+        self.label_store = bool(job.get("label_store"))
+        self.paths = slide_output_paths(out_dir, stem, self.label_store)
         self.geojson_part = self.dir / "nuclei.geojson.part"
         self.csv_part = self.dir / "nuclei.csv.part"
+        self.labels_part = self.dir / "labels.zarr"
+        self.labels = None  # the open label store (zarr.Array) while rows are committed
         self.ys = tile_starts(plan.height, tile, overlap)
         self.xs = tile_starts(plan.width, tile, overlap)
         self.row_cores = _cores(self.ys, tile, plan.height)
@@ -851,6 +880,8 @@ class _SlideRun:
         csv.writer(header, lineterminator="\n").writerow(self.csv_header())
         (self.dir / self.geojson_part.name).write_text(exports.GEOJSON_HEAD, encoding="utf-8")
         (self.dir / self.csv_part.name).write_text(header.getvalue(), encoding="utf-8")
+        if self.label_store:
+            self._create_labels(self.dir / self.labels_part.name)
         run_tiles = sum(len(self.row_tiles(i)) for i in range(len(self.ys)))
         self.state = {"rows_done": 0, "rows": len(self.ys), "tiles_total": run_tiles,
                       "tiles_done": 0,
@@ -861,6 +892,7 @@ class _SlideRun:
         self._save_state()
         os.replace(self.dir, final)
         self.dir = final
+        self._open_labels()
 
     def load(self) -> None:
         self.state = json.loads((self.dir / "state.json").read_text())
@@ -879,18 +911,24 @@ class _SlideRun:
             with np.load(self.dir / self.state["carry"]) as carry:
                 y_next = self.ys[self.state["rows_done"]] if self.rows_left() else self.plan.height
                 self.stitch.restore(dict(carry), y_next)
+        # Rows after rows_done may already be in the store (a kill between its write and the
+        # state's): running them again pastes the same ids onto the same pixels.
+        self._open_labels()
 
     def _save_state(self) -> None:
         atomic.write_bytes(self.dir / "state.json", json.dumps(self.state, indent=1,
                                                                sort_keys=True))
 
     def _commit_row(self, done: list[FinishedNucleus]) -> None:
-        """Append the row's finished nuclei, sync, then record the row (in that order: a kill
-        between the two leaves bytes past the recorded lengths, which a restart cuts off)."""
+        """Paste the row's kept nuclei into the label store (if any), append them to the tables
+        and sync, then record the row. In that order: a kill before the record leaves table
+        bytes past the recorded lengths, which a restart cuts off, and store pixels that the
+        row, run again, overwrites with the same ids."""
         features, rows = io.StringIO(), io.StringIO()
         writer = csv.writer(rows, lineterminator="\n")
         k = self.state["nuclei"]
         counts = self.state["counts"]
+        kept = []
         for nucleus in done:
             x, y = self.centroid(nucleus)
             if not self.tissue.contains(x, y):
@@ -900,6 +938,8 @@ class _SlideRun:
             features.write(exports.feature_text(feature, k == 1))
             writer.writerow(row)
             counts[nucleus.label] += 1
+            kept.append((k, nucleus))
+        self._paste_labels(kept)
         for part, text, key in ((self.geojson_part, features.getvalue(), "geojson_bytes"),
                                 (self.csv_part, rows.getvalue(), "csv_bytes")):
             with open(part, "ab") as f:
@@ -919,6 +959,66 @@ class _SlideRun:
         self._save_state()
         if old:
             (self.dir / old).unlink(missing_ok=True)
+
+    # -- the label store --
+    def _create_labels(self, path: Path) -> None:
+        plan = self.plan
+        chunks = (min(LABEL_CHUNK, plan.height), min(LABEL_CHUNK, plan.width))
+        zarr.create_array(
+            store=str(path), shape=(plan.height, plan.width), chunks=chunks, dtype="int32",
+            fill_value=0, compressors=ZstdCodec(level=3, checksum=True), zarr_format=3,
+            dimension_names=("y", "x"),
+            attributes={
+                "slide": self.slide.path.name, "mpp": plan.mpp, "slide_mpp": plan.slide_mpp,
+                "origin": list(plan.origin), "scale": list(plan.scale), "level": plan.level,
+                "region": list(plan.region), "label_names": list(self.label_names),
+                "ids": f"0 = background; k = nucleus k of {self.paths['csv'].name} (column id) "
+                       f"and {self.paths['geojson'].name} (measurements.id)",
+                "pixel": "model pixel (row r, column c) covers level-0 x in [origin_x + c * "
+                         "scale_x, origin_x + (c + 1) * scale_x), y likewise with r"})
+
+    def _open_labels(self) -> None:
+        if not self.label_store:
+            return
+        if not (self.labels_part / "zarr.json").exists():
+            raise UserError(f"{self.dir}: the unfinished run is damaged ({self.labels_part.name} "
+                            f"is missing); pass --overwrite to start again")
+        self.labels = zarr.open_array(str(self.labels_part), mode="r+")
+
+    def _paste_labels(self, kept: list[tuple[int, FinishedNucleus]]) -> None:
+        """Ids ``k`` onto the pixels of their nuclei, one chunk column at a time: the chunks the
+        nuclei touch are read whole, pasted into and written back whole (so zarr never reads a
+        chunk again to merge a part), then synced. Pixels of other nuclei are written back as
+        they were read, so running a row again changes nothing it has already written."""
+        if self.labels is None or not kept:
+            return
+        height, width = self.labels.shape
+        ch, cw = self.labels.chunks
+        columns: dict[int, list[tuple[int, FinishedNucleus]]] = {}
+        for k, n in kept:
+            for j in range(n.c0 // cw, (n.c0 + n.mask.shape[1] - 1) // cw + 1):
+                columns.setdefault(j, []).append((k, n))
+        touched = []
+        for j, members in sorted(columns.items()):
+            c0, c1 = j * cw, min((j + 1) * cw, width)
+            top = min(n.r0 for _, n in members) // ch * ch
+            bottom = min(-(-max(n.r0 + n.mask.shape[0] for _, n in members) // ch) * ch, height)
+            block = np.asarray(self.labels[top:bottom, c0:c1])
+            for k, n in members:
+                h, w = n.mask.shape
+                a, b = max(n.c0, c0), min(n.c0 + w, c1)
+                view = block[n.r0 - top:n.r0 - top + h, a - c0:b - c0]
+                view[n.mask[:, a - n.c0:b - n.c0]] = k
+            self.labels[top:bottom, c0:c1] = block
+            touched += [(i, j) for i in range(top // ch, -(-bottom // ch))]
+        for key in touched:  # durable before the state that counts the row as done
+            path = self.labels_part / self.labels.metadata.encode_chunk_key(key)
+            with contextlib.suppress(FileNotFoundError):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
     # -- one nucleus in level-0 coordinates --
     def csv_header(self) -> list[str]:
@@ -1029,23 +1129,39 @@ class _SlideRun:
         with open(self.csv_part, "r+b") as f:
             f.truncate(self.state["csv_bytes"])
         atomic.save_png(self.dir / "overlay.png", self.overlay())
+        if self.labels is not None:
+            self.labels.attrs.update({"nuclei": self.state["nuclei"]})
         atomic.write_json(self.dir / "summary.json", self.summary())
         self.state["finalized"] = True
         self._save_state()
 
     def publish(self) -> dict:
         """Move the finished files into place (summary last: its presence means complete)."""
-        moves = {"geojson": self.geojson_part, "csv": self.csv_part,
+        parts = {"geojson": self.geojson_part, "csv": self.csv_part,
                  "overlay": self.dir / "overlay.png", "tissue": self.dir / "tissue.png",
-                 "summary": self.dir / "summary.json"}
-        for key, src in moves.items():
+                 "labels": self.labels_part, "summary": self.dir / "summary.json"}
+        store = slide_output_paths(self.out_dir, self.stem, True)["labels"]
+        if not self.label_store and store.exists():
+            self._set_aside(store)  # another job's store (--overwrite): its ids are not ours
+        for key, target in self.paths.items():  # the summary comes last
+            src = parts[key]
             if src.exists():  # a restart after a kill in here finds some already moved
-                os.replace(src, self.paths[key])
+                if src.is_dir() and target.exists():
+                    self._set_aside(target)  # a folder is not renamed over a full one
+                os.replace(src, target)
         # Renamed before removal: a half-removed folder must not look like an unfinished run.
         trash = self.dir.with_name(f"{self.dir.name}.done-{os.getpid()}")
         os.replace(self.dir, trash)
         shutil.rmtree(trash, ignore_errors=True)
         return json.loads(self.paths["summary"].read_text())
+
+    def _set_aside(self, path: Path) -> None:
+        """Move an old output out of the way into the job folder (removed with it)."""
+        old = self.dir / f"replaced-{path.name}"
+        if old.is_dir():
+            shutil.rmtree(old)
+        old.unlink(missing_ok=True)
+        os.replace(path, old)
 
     def overlay(self) -> np.ndarray:
         """The region at most THUMBNAIL_SIDE px a side, nuclei as dots in their class colour

@@ -7,9 +7,10 @@ path a line). For every image writes ``<stem>_instances.npy|tif``, ``<stem>_clas
 256 x 256 images, ``<stem>_pannuke.npy``. Whole slides (SVS, NDPI, MRXS, SCN, pyramidal TIFF, ...;
 ``slides.is_slide``) go through ``slides.predict_slide``: tissue only, row by row in constant
 memory, resumable, with ``<stem>_nuclei.geojson``, ``<stem>_nuclei.csv``, ``<stem>_summary.json``,
-``<stem>_overlay.png`` and ``<stem>_tissue.png``. One line per input is printed. Every input and
-every output target is checked before the model loads, so a bad file or an existing output stops
-the run with one line and nothing written (docs/predict.md).
+``<stem>_overlay.png`` and ``<stem>_tissue.png`` (with ``--label-store`` also
+``<stem>_labels.zarr``, the instance map as a chunked zarr array). One line per input is
+printed. Every input and every output target is checked before the model loads, so a bad file or
+an existing output stops the run with one line and nothing written (docs/predict.md).
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tissue-mask", default=None, metavar="PNG",
                    help="slides: a picture of the slide (any size, same aspect ratio; non-zero "
                         "= tissue) used instead of tissue detection (one slide only)")
+    p.add_argument("--label-store", action="store_true",
+                   help="slides: also write <stem>_labels.zarr, the instance map (int32 nucleus "
+                        "ids of the CSV/GeoJSON, 0 = background) on the analysis grid as a "
+                        "chunked, compressed zarr v3 array, written row by row")
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="process only inputs K, K + N, K + 2N, ... (0 <= K < N) of the "
                         "folder's sorted files or the list's lines, e.g. K = "
@@ -193,9 +198,9 @@ def run(args) -> int:
     slide_files = [f for f in mine if is_slide(f)]
     files = [f for f in mine if f not in slide_files]
     slide_only = (args.slide_mpp, args.region, args.tissue_mask)
-    if not slide_files and any(v is not None for v in slide_only):
-        raise UserError("--slide-mpp, --region and --tissue-mask apply to whole slides; "
-                        "the input has none")
+    if not slide_files and (any(v is not None for v in slide_only) or args.label_store):
+        raise UserError("--slide-mpp, --region, --tissue-mask and --label-store apply to whole "
+                        "slides; the input has none")
     if args.tissue_mask is not None and len(slide_files) != 1:
         raise UserError(f"--tissue-mask {args.tissue_mask}: needs exactly one slide "
                         f"({len(slide_files)} given)")
@@ -240,8 +245,9 @@ def _slide_job(path: Path, args, cfg, workdir: Path, step: int, out: Path) -> di
     """Open and check a slide before the model loads: readable, pixel size, region, mask file,
     and what its outputs say (complete / resume / fresh, or in the way without --overwrite)."""
     from tsfd_jax.predict import check_tile, default_overlap
-    from tsfd_jax.slides import (JOB_VERSION, Slide, file_sha256, load_tissue_mask, parse_region,
-                                 plan_slide, slide_mpp, slide_status)
+    from tsfd_jax.slides import (JOB_VERSION, Slide, file_sha256, job_with_label_store,
+                                 load_tissue_mask, parse_region, plan_slide, slide_mpp,
+                                 slide_status)
 
     tile = check_tile(cfg, args.tile, args.overlap)
     overlap = default_overlap(tile) if args.overlap is None else args.overlap
@@ -258,6 +264,7 @@ def _slide_job(path: Path, args, cfg, workdir: Path, step: int, out: Path) -> di
            "mpp": plan.mpp, "slide_mpp": mpp0, "region": list(plan.region), "tile": tile,
            "overlap": overlap, "batch_size": args.batch_size,
            "tissue_mask": None if args.tissue_mask is None else file_sha256(args.tissue_mask)}
+    job = job_with_label_store(job, args.label_store)
     status = slide_status(out, path.stem, job, args.overwrite)
     return {"path": path, "job": job, "status": status, "mpp0": mpp0, "mpp_source": mpp_source,
             "tile": tile, "overlap": overlap}
@@ -287,7 +294,7 @@ def _run_slide(job: dict, tag: str, predict_fn, cfg, args, out: Path, tqdm) -> N
                                     tissue=tissue, job=job["job"], tile=job["tile"],
                                     overlap=job["overlap"], batch_size=args.batch_size,
                                     workers=args.workers, overwrite=args.overwrite,
-                                    progress=progress)
+                                    label_store=args.label_store, progress=progress)
     print(_slide_summary(path, summary, job["status"], time.perf_counter() - t0))
 
 
