@@ -10,7 +10,7 @@ from configs.default import get_config
 from tsfd_jax.ops.preprocess import make_preprocess_fn, model_inputs
 from tsfd_jax.ops.resize import downsample2x, resize_bilinear, resize_nearest, upsample2x
 from tsfd_jax.ops.stain import stain_channels
-from tsfd_jax.ops.targets import boundary_target
+from tsfd_jax.ops.targets import boundary_target, contacts
 
 H = 32
 B = 8
@@ -91,7 +91,7 @@ def test_eval_outputs_for_each_channel_set(batch, channels, n):
     assert inputs.shape == (B, 2 * H, 2 * H, n) and inputs.dtype == jnp.float32
     assert {k: (v.shape, v.dtype) for k, v in targets.items()} == {
         "cls": ((B, H, H), jnp.int32), "boundary": ((B, H, H), jnp.float32),
-        "contact": ((B, H, H), jnp.float32), "tissue": ((B,), jnp.int32),
+        "tissue": ((B,), jnp.int32),
         "weight": ((B, H, H), jnp.float32)}
     # Without augmentation: RGB = bilinear x2 of the image / 255, stains from that RGB.
     rgb = jax.image.resize(batch["image"].astype(np.float32), (B, 2 * H, 2 * H, 3), "bilinear")
@@ -167,3 +167,15 @@ def test_bad_config_values_are_rejected():
         make_preprocess_fn(small_config(channels="rgbx"))
     with pytest.raises(ValueError, match="stain_matrix"):
         make_preprocess_fn(small_config(stain_matrix="nope"))
+
+
+def test_boundary_dilation_and_contact_targets_follow_the_config(batch):
+    cfg = small_config()
+    cfg.targets.boundary_dilation = 2
+    cfg.loss.contact_weight = 5.0
+    _, targets = run(cfg, batch, jax.random.key(0), False)
+    np.testing.assert_array_equal(
+        np.asarray(targets["boundary"]),
+        np.asarray(boundary_target(batch["inst"], batch["cls"], None, 2, 2)))
+    np.testing.assert_array_equal(np.asarray(targets["contact"]),
+                                  np.asarray(contacts(jnp.asarray(batch["inst"]))))

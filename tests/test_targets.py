@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import scipy.ndimage as ndi
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -116,3 +117,21 @@ def test_content_edge_encloses_nuclei_cut_by_the_warped_edge():
     ref = find_boundaries(inst, connectivity=1, mode="thick") | (band & (inst > 0))
     np.testing.assert_array_equal(out, ref)
     assert out[5:15, 24:26].all()  # the cut side of nucleus 1 is a 2-px boundary
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3])
+def test_dilated_boundaries_equal_scipy_dilation_of_skimage(radius):
+    rng = np.random.default_rng(radius)
+    inst = rng.integers(0, 5, size=(2, 30, 26)).repeat(3, axis=1)[:, :30]  # blocky labels
+    cls = (inst > 0).astype(np.int32)
+    out = np.asarray(boundary_target(jnp.asarray(inst), jnp.asarray(cls), None, 0, radius))
+    square = np.ones((2 * radius + 1,) * 2, bool)
+    for i in range(2):
+        ref = ndi.binary_dilation(find_boundaries(inst[i], connectivity=1, mode="thick"), square)
+        np.testing.assert_array_equal(out[i].astype(bool), ref)
+    # Wider than the plain contours, and radius 0 is the plain target.
+    plain = np.asarray(boundary_target(jnp.asarray(inst), jnp.asarray(cls), None, 0, 0))
+    assert out.sum() > plain.sum()
+    for i in range(2):
+        np.testing.assert_array_equal(plain[i].astype(bool),
+                                      find_boundaries(inst[i], connectivity=1, mode="thick"))

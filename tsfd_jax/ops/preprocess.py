@@ -110,14 +110,17 @@ def make_preprocess_fn(cfg) -> Callable[[dict, jax.Array, bool], tuple[jax.Array
 
     batch: image uint8 (B, H, W, 3), inst int (B, H, W), cls int (B, H, W), tissue int32 (B,),
     valid bool (B,). Returns inputs float32 (B, S, S, n_ch) and targets
-    {cls int32 (B, H, W), boundary float32 (B, H, W), contact float32 (B, H, W) (``contacts``),
-    tissue int32 (B,), weight float32 (B, H, W)}.
+    {cls int32 (B, H, W), boundary float32 (B, H, W), tissue int32 (B,), weight float32
+    (B, H, W)}, and contact float32 (B, H, W) (``contacts``) when ``loss.contact_weight`` > 0.
     Same key -> same output; works with the batch sharded over a mesh axis (AxisType.Auto).
     """
     settings = _input_settings(cfg)
     augment_cfg = cfg.augment.to_dict() if hasattr(cfg.augment, "to_dict") else dict(cfg.augment)
     augment_on = bool(augment_cfg.get("enabled", False))
     frame_width = int(cfg.targets.frame_width)
+    dilation = int(cfg.targets.get("boundary_dilation", 0))
+    # The contact map is only a loss weight; skip it when that weight is off.
+    with_contact = float(cfg.loss.get("contact_weight", 0.0)) > 0
 
     def preprocess(batch: dict, key: jax.Array, train: bool) -> tuple[jax.Array, dict]:
         image = jnp.asarray(batch["image"])
@@ -135,15 +138,16 @@ def make_preprocess_fn(cfg) -> Callable[[dict, jax.Array, bool], tuple[jax.Array
             image = image.astype(jnp.float32)
             content = None
 
-        boundary = boundary_target(inst, cls, content, frame_width)
+        boundary = boundary_target(inst, cls, content, frame_width, dilation)
         inputs = _network_inputs(image, content, train, **settings)
         targets = {
             "cls": cls,
             "boundary": boundary,
-            "contact": contacts(inst).astype(jnp.float32),
             "tissue": jnp.asarray(batch["tissue"]).astype(jnp.int32),
             "weight": jnp.broadcast_to(valid.astype(jnp.float32)[:, None, None], (b, h, w)),
         }
+        if with_contact:
+            targets["contact"] = contacts(inst).astype(jnp.float32)
         return inputs, targets
 
     return preprocess

@@ -6,7 +6,9 @@
   boundary pixel when a 4-neighbour inside the image has a different label), OR-ed with the
   authors' "boundary enclosing": nucleus pixels within ``frame_width`` px of the patch edge, and,
   after a geometric augmentation, within ``frame_width`` px of the edge of the valid (warped)
-  content, so nuclei cut by either edge are closed.
+  content, so nuclei cut by either edge are closed. Not the paper: ``dilation`` > 0 widens the
+  contours by that many px on each side (a (2r+1)-px square), the thick separation bands of
+  U-Net-style baselines (docs/learning.md §10).
 
 All functions take one example (H, W) or a batch (..., H, W) and run under jit/vmap.
 """
@@ -53,6 +55,18 @@ def contacts(inst: jax.Array) -> jax.Array:
     return out & (inst > 0)
 
 
+def dilate(mask: jax.Array, radius: int) -> jax.Array:
+    """(..., H, W) bool -> (..., H, W) bool dilated by a (2 radius + 1)-px square; outside the
+    image counts as False (``scipy.ndimage.binary_dilation`` with its default border)."""
+    if radius <= 0:
+        return mask
+    k = 2 * radius + 1
+    pad = [(0, 0)] * (mask.ndim - 2) + [(radius, radius), (radius, radius)]
+    return jax.lax.reduce_window(jnp.pad(mask, pad, constant_values=False), False,
+                                 jax.lax.bitwise_or, (1,) * (mask.ndim - 2) + (k, k),
+                                 (1,) * mask.ndim, "VALID")
+
+
 def frame_band(h: int, w: int, width: int = 2) -> jax.Array:
     """(h, w) bool: True within ``width`` px of the image edge (authors' 2-px frame, §3.4)."""
     ys = jnp.arange(h)[:, None]
@@ -79,15 +93,16 @@ def content_edge_band(content_mask: jax.Array, width: int = 2) -> jax.Array:
 
 
 def boundary_target(inst: jax.Array, cls: jax.Array, content_mask: jax.Array | None = None,
-                    frame_width: int = 2) -> jax.Array:
+                    frame_width: int = 2, dilation: int = 0) -> jax.Array:
     """(..., H, W) inst, cls [, content_mask] -> (..., H, W) float32 boundary target in {0, 1}.
 
-    thick boundaries OR nucleus pixels (inst > 0 or cls > 0) within ``frame_width`` px of the
-    patch edge OR of the edge of the valid content region (docs/preprocessing.md).
+    thick boundaries (dilated by ``dilation`` px) OR nucleus pixels (inst > 0 or cls > 0) within
+    ``frame_width`` px of the patch edge OR of the edge of the valid content region
+    (docs/preprocessing.md).
     """
     h, w = inst.shape[-2:]
     nucleus = (inst > 0) | (cls > 0)
     band = frame_band(h, w, frame_width) if frame_width > 0 else jnp.zeros((h, w), bool)
     if content_mask is not None and frame_width > 0:
         band = band | content_edge_band(content_mask, frame_width)
-    return (boundaries(inst) | (band & nucleus)).astype(jnp.float32)
+    return (dilate(boundaries(inst), dilation) | (band & nucleus)).astype(jnp.float32)
