@@ -576,29 +576,54 @@ def test_load_config_rejects_missing_files_and_variants(tmp_path):
         load_config(DEFAULT + ":fold9")
 
 
+def _with_and_without(field: str, channels: int):
+    """A tiny model with ``model.<field> = channels`` and the same model without it: (x, plain
+    (model, variables, outputs), variant (model, variables, outputs)), both drawn from key 0."""
+    cfg = tiny_cfg()
+    x = jax.random.uniform(jax.random.key(1), input_shape(cfg, 2, 64))
+    out = []
+    for value in (0, channels):
+        cfg.model[field] = value
+        model = build_model(cfg)
+        variables = model.init(jax.random.key(0), x, train=False)
+        out.append((model, variables, model.apply(variables, x, train=False)))
+    return x, out[0], out[1]
+
+
+def _moved(model, variables, x, head: str) -> dict:
+    """Outputs with the last conv of ``head`` (a SkipRefine) set to ones instead of zeros."""
+    params = dict(variables["params"])
+    params[head] = {**params[head], "out": {**params[head]["out"],
+                                            "kernel": jnp.ones_like(params[head]["out"]["kernel"])}}
+    return model.apply({**variables, "params": params}, x, train=False)
+
+
 def test_stem_skip_starts_as_the_paper_head_and_learns_from_the_stem():
     """model.stem_skip adds SkipRefine to both heads: at initialisation the logits equal the
     model without it (its last conv starts at zero); every other parameter is the same draw;
     once that conv is non-zero the stem features change the logits."""
-    cfg = tiny_cfg()
-    x = jax.random.uniform(jax.random.key(1), input_shape(cfg, 2, 64))
-    plain_model = build_model(cfg)
-    plain = plain_model.init(jax.random.key(0), x, train=False)
-    cfg.model.stem_skip = 8
-    skip_model = build_model(cfg)
-    skip = skip_model.init(jax.random.key(0), x, train=False)
-    extra = set(skip["params"]) - set(plain["params"])
-    assert extra == {"seg_skip", "boundary_skip"}
+    x, (_, plain, out_plain), (skip_model, skip, out_skip) = _with_and_without("stem_skip", 8)
+    assert set(skip["params"]) - set(plain["params"]) == {"seg_skip", "boundary_skip"}
     for name in plain["params"]:
         jax.tree.map(np.testing.assert_array_equal, plain["params"][name], skip["params"][name])
-    out_plain = plain_model.apply(plain, x, train=False)
-    out_skip = skip_model.apply(skip, x, train=False)
     for k in out_plain:
         np.testing.assert_allclose(out_skip[k], out_plain[k], atol=1e-6)
-    params = dict(skip["params"])
-    head = dict(params["seg_skip"])
-    head["out"] = {**head["out"], "kernel": jnp.ones_like(head["out"]["kernel"])}
-    params["seg_skip"] = head
-    moved = skip_model.apply({**skip, "params": params}, x, train=False)
+    moved = _moved(skip_model, skip, x, "seg_skip")
     assert np.abs(moved["seg_logits"] - out_plain["seg_logits"]).max() > 1e-3
     np.testing.assert_allclose(moved["boundary_logits"], out_plain["boundary_logits"], atol=1e-6)
+
+
+def test_input_skip_gives_logits_at_the_input_resolution_starting_from_the_bilinear_heads():
+    """model.input_skip: at initialisation the logits are the paper heads' bilinear x2 (its
+    last convs start at zero), at the input resolution; a non-zero last conv makes the input's
+    own features change them."""
+    x, (_, plain, out_plain), (skip_model, skip, out_skip) = _with_and_without("input_skip", 8)
+    assert set(skip["params"]) - set(plain["params"]) == {
+        "input_skip", "input_skip_bn", "seg_input_skip", "boundary_input_skip"}
+    for k in ("seg_logits", "boundary_logits"):
+        assert out_plain[k].shape[1:3] == (32, 32) and out_skip[k].shape[1:3] == (64, 64)
+        ref = jax.image.resize(out_plain[k], (2, 64, 64, out_plain[k].shape[-1]), "bilinear")
+        np.testing.assert_allclose(out_skip[k], ref, atol=1e-5)
+    moved = _moved(skip_model, skip, x, "boundary_input_skip")
+    assert np.abs(moved["boundary_logits"] - out_skip["boundary_logits"]).max() > 1e-3
+    np.testing.assert_allclose(moved["seg_logits"], out_skip["seg_logits"], atol=1e-6)

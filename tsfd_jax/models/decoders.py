@@ -97,9 +97,10 @@ class UpsamplingBlock(nn.Module):
 
 
 class SkipRefine(nn.Module):
-    """Not in the paper (``model.stem_skip``, docs/model.md): a correction to an output block's
-    logits from the decoder map and the backbone's stem features, which are at the output
-    resolution (stride 2). (B, H, W, C) + (B, 2H, 2W, C_stem) -> (B, 2H, 2W, features):
+    """Not in the paper (``model.stem_skip``, ``model.input_skip``, docs/model.md): a correction
+    to an output block's logits from the decoder map and finer features (the backbone's stem at
+    stride 2, or the input's own at stride 1). (B, H, W, C) + (B, kH, kW, C_f) -> (B, kH, kW,
+    features):
     concat -> conv 3x3 (``channels``) -> BN -> swish -> conv 1x1. The last conv starts at zero,
     so an untrained refinement leaves the paper's head unchanged."""
 

@@ -9,10 +9,13 @@ CBB = the same network without the TC head (Table 4). Data flow (docs/model.md):
     -> num_bifpn BiFPNs ("bifpn_1", ...)
     -> interlinked decoders ("decoders") -> S2, I2 (stride 4)
     -> output blocks ("seg_head", "boundary_head") -> logits at stride 2
+    [not the paper: + stem skip ("seg_skip", "boundary_skip"), at stride 2;
+     + input skip ("input_skip", "seg_input_skip", "boundary_input_skip"), logits at stride 1]
     TC: GAP over the gated P7 -> Dropout(0.3) -> Dense(T) ("classifier"), logits.
 
 Outputs (float32 whatever the compute dtype): ``seg_logits`` (B, S/2, S/2, L) with L = number
-of labels including background, ``boundary_logits`` (B, S/2, S/2, 1), and ``tissue_logits``
+of labels including background, ``boundary_logits`` (B, S/2, S/2, 1) ((B, S, S, ...) with the
+input skip), and ``tissue_logits``
 (B, T) for FDB only. The network takes inputs already divided by 255 (Keras' EfficientNet
 rescales inside; its Normalization layer is never adapted in TSFD, docs/model.md).
 """
@@ -23,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tsfd_jax.models.bifpn import BiFPN, GatingBlock, glorot_uniform, level_name
+from tsfd_jax.models.bifpn import BiFPN, GatingBlock, glorot_uniform, level_name, resize_to
 from tsfd_jax.models.decoders import InterlinkedDecoders, SkipRefine, UpsamplingBlock
 from tsfd_jax.models.efficientnet import (DEFAULT_TAPS, EfficientNet, efficientnet_config,
                                           stage_end_taps)
@@ -70,6 +73,7 @@ class TSFDNet(nn.Module):
     tissue_head: bool = True          # FDB; False = CBB
     classifier_dropout: float = 0.3
     stem_skip: int = 0                # channels of SkipRefine from the stem; 0 = the paper
+    input_skip: int = 0               # channels of SkipRefine from the input; 0 = the paper
     layers: Layers = Layers()         # compute dtype, BatchNorm, depthwise lowering
 
     @nn.compact
@@ -96,6 +100,17 @@ class TSFDNet(nn.Module):
                                             name="seg_skip")(seg, stem, train)
             out["boundary_logits"] += SkipRefine(1, self.stem_skip, layers,
                                                  name="boundary_skip")(bdr, stem, train)
+        if self.input_skip:
+            # Logits at the input resolution: the bilinear x2 of the heads plus a correction
+            # from features of the input itself (docs/model.md, item 10).
+            f = layers.conv(self.input_skip, 3, use_bias=False, kernel_init=glorot_uniform,
+                            name="input_skip")(x)
+            f = nn.silu(layers.norm(train, "input_skip_bn")(f))
+            full = x.shape[1:3]
+            out["seg_logits"] = resize_to(out["seg_logits"], full) + SkipRefine(
+                self.num_labels, self.input_skip, layers, name="seg_input_skip")(seg, f, train)
+            out["boundary_logits"] = resize_to(out["boundary_logits"], full) + SkipRefine(
+                1, self.input_skip, layers, name="boundary_input_skip")(bdr, f, train)
         if self.tissue_head:
             # TC on the gated P7 (docs/model.md); the softmax lives in the loss.
             v = jnp.mean(gated_top.astype(jnp.float32), axis=(1, 2))
@@ -148,7 +163,8 @@ def build_model(cfg) -> nn.Module:
         node_dropout=float(m.node_dropout), seg_third_term=bool(m.seg_third_term),
         num_labels=len(cfg.data.label_names), num_tissues=num_tissues,
         tissue_head=bool(m.tissue_head), classifier_dropout=float(m.classifier_dropout),
-        stem_skip=int(m.stem_skip), layers=model_layers(cfg))
+        stem_skip=int(m.stem_skip), input_skip=int(m.get("input_skip", 0)),
+        layers=model_layers(cfg))
 
 
 def model_layers(cfg) -> Layers:
