@@ -78,6 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.targets = t = ml_collections.ConfigDict()
     t.frame_width = 2             # 2-px band enclosing nuclei cut by the patch edge (§3.4)
+    t.boundary_dilation = 0       # not the paper: widen contours by this many px per side
 
     # ---- model -------------------------------------------------------------------------
     c.model = m = ml_collections.ConfigDict()
@@ -98,6 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.tissue_head = True          # FDB (True) or CBB (False)
     m.classifier_dropout = 0.3
     m.stem_skip = 0               # not the paper: stem features into the output heads (channels)
+    m.input_skip = 0              # not the paper: logits at the input resolution (channels)
     m.bn_momentum = 0.99          # BatchNorm running-average decay (Keras default, §1.1)
     m.dtype = "float32"           # float32 | bfloat16 (compute; params stay float32)
     m.depthwise_impl = "auto"     # auto (shift on CPU, XLA grouped conv elsewhere) | shift | conv
