@@ -29,9 +29,9 @@ from tsfd_jax.postprocess_workers import postprocess_batch
 TUNED_FILE = "postprocess.json"
 # Values searched per setting. Settings a method does not use are not searched for it.
 GRID: dict[str, tuple] = {
-    "seg_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
-    "boundary_threshold": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
-    "min_size": (4, 8, 12, 16, 22, 32, 48, 64),
+    "seg_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+    "boundary_threshold": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+    "min_size": (4, 8, 12, 16, 22, 32, 48, 64, 96, 128),
     "closing_size": (1, 3),
     "erosion_size": (1, 3),
     "dilation_size": (1, 3, 5),
