@@ -11,22 +11,23 @@ The default model is configs/demo.py's compound-scaled-down TSFD-Net (``demo.cpu
 EfficientNet widths / 4, one block per stage, C_GB = 32, 2 BiFPNs; 0.36 M parameters). It trains
 on random 128-px crops of the tiles (``data.image_size``) at the paper's x2 input (256), so its
 outputs (input / 2) are at the label size, and is validated on the whole 256-px tiles (a 512
-input). Changed from the paper, from the ablations at equal budget (docs/learning.md):
-``demo.small_data_recipe`` (AdamW 2e-3 instead of SGD, 3 x BCE on the boundary instead of focal
-Tversky + Combo; the 'markers' post-processing with min_size 16, tuned on validation by
-``evaluate --tune``), BatchNorm momentum 0.9. Measured at 10 minutes on held-out source images
-(docs/learning.md sections 4 and 6): the crops at the x2 input lift bPQ from 0.142 to 0.195 and
-mPQ from 0.084 to 0.101 over whole tiles at a 256 input (half-resolution outputs), at the same
-cost per step.
+input). Changed from the paper, each from the ablations at equal budget on held-out source
+images (docs/learning.md): ``demo.small_data_recipe`` (AdamW 2e-3 instead of SGD, 3 x BCE on the
+boundary instead of focal Tversky + Combo; the 'markers' post-processing, tuned on validation by
+``evaluate --tune``), BatchNorm momentum 0.9; crops at the x2 input (bPQ 0.142 -> 0.195 over
+whole tiles at a 256 input, section 6); the stem skip (``model.stem_skip = 16``) and 6-px
+separation bands between touching nuclei (``targets.boundary_dilation = 2``): together 0.195 ->
+0.234 bPQ and 0.101 -> 0.154 mPQ at 10 minutes (sections 9-10).
 
   python -m tsfd_jax train --config configs/consep.py --workdir runs/consep \
       --config.data.root ../shared/data/consep/train
   python -m tsfd_jax evaluate --workdir runs/consep --tune --name val
 
-Speed on the 2 CPU cores: about 1 s per train step of 8 crops; 600 steps about 10-12 minutes
-plus ~1 minute of compiling. At this budget the model is weak (bPQ ~0.2 tuned on held-out
-images, below the reference UNet's bPQ and far from HoVer-Net's: docs/learning.md, RESULTS.md);
-it is the starting point for measuring what helps on real data, not a usable CoNSeP model.
+Speed on the 2 CPU cores: about 0.8 s per train step of 8 crops; the 2600 steps took 36
+minutes, compile and validations included. Measured at that budget: RESULTS.md ("CoNSeP,
+configs/consep.py at 40 minutes"). The model stays far below HoVer-Net and below StarDist
+trained for a quarter of the time (docs/learning.md §9, §11): a CPU starting point for
+measuring what helps on real data, not a usable CoNSeP model.
 
 Variant ``:paper`` is the paper's network (B4, C_GB = 160, 3 BiFPNs, 512 input, batch 16,
 150 epochs of the training tiles, 3-epoch warm-up) on the same data, for a GPU. The variants of
@@ -73,10 +74,14 @@ def get_config(arg: str | None = None):
 
     demo.cpu_model(c)
     demo.small_data_recipe(c, min_size=16)
-    c.total_steps = 600
-    c.log_every_steps = 25
-    c.eval_every_steps = 300
-    c.checkpoint_every_steps = 300
+    # Not the paper, each measured at 10 minutes on held-out source images (docs/learning.md
+    # §9-10): stem features into the heads, and 6-px separation bands between touching nuclei.
+    c.model.stem_skip = 16
+    c.targets.boundary_dilation = 2
+    c.total_steps = 2600             # ~36 minutes on the 2 CPU cores (RESULTS.md)
+    c.log_every_steps = 50
+    c.eval_every_steps = 650
+    c.checkpoint_every_steps = 650
     c.keep_checkpoints = 1
     c.eval_max_images = 0            # the whole validation split (96 tiles)
     return c
