@@ -16,8 +16,9 @@ class-aware sampling (``data.sampling = 'class'``: images holding rare classes d
 on the 64-px demo it lifted mPQ from 0.364 to 0.432 and Inflammatory PQ from 0 to 0.43), the
 stem skip into the output heads (``model.stem_skip = 16``, not in the paper: at the same 1000
 steps and cost it lifted the tuned bPQ from 0.575 to 0.605 and mPQ from 0.409 to 0.455,
-docs/learning.md §8) and the scaled-down model of ``cpu_model``. Sized for a 2-core CPU; README
-has the measured run.
+docs/learning.md §8) and the scaled-down model of ``cpu_model``. 1300 steps fill the demo's
+10-minute budget on a 2-core CPU (1000 -> 1300 steps: tuned bPQ 0.605 -> 0.622, mPQ 0.455 ->
+0.533, docs/learning.md §10); README has the measured run.
 
   python -m tsfd_jax demo --out runs/demo          # synth -> prepare -> train -> evaluate -> report
   python -m tsfd_jax train --config configs/demo.py --workdir runs/demo/train \
@@ -77,10 +78,10 @@ def get_config(arg: str | None = None):
     d.sampling = "class"
     # Full-resolution stem features into both heads: touching nuclei come apart (§8).
     c.model.stem_skip = 16
-    c.total_steps = 1000
+    c.total_steps = 1300             # ~6 minutes of training: the demo's 10-minute budget
     c.log_every_steps = 50
-    c.eval_every_steps = 1000
-    c.checkpoint_every_steps = 500
+    c.eval_every_steps = 1300
+    c.checkpoint_every_steps = 650
     c.eval_max_images = 16           # whole 256-px patches of the validation fold
     c.eval.tune_max_images = 32
     c.keep_checkpoints = 1

@@ -1,6 +1,5 @@
 """Test set-up: 4 simulated CPU devices (sharding tests), parsed absl flags (grain workers)."""
 
-import os
 import sys
 from pathlib import Path
 

@@ -135,7 +135,6 @@ def test_matches_official_on_real_annotations(shared_data):
     files = sorted((shared_data / "consep" / "train").glob("*.npz"))[::70][:6]
     assert len(files) >= 4
     true = np.stack([consep_layout(f) for f in files])
-    rng = np.random.default_rng(0)
     preds = []
     for i, t in enumerate(true):
         p = t.copy()
