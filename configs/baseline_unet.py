@@ -6,8 +6,9 @@ about 0.12 M parameters) at the label size (no input upsampling); the recipe is 
 for a small UNet: AdamW at 2e-3 with a short warm-up, cross-entropy on the classes plus
 3 x binary cross-entropy on the boundary map.
 
-  configs/baseline_unet.py            on configs/demo.py's data (synthetic PanNuke, 64 px)
-  configs/baseline_unet.py:consep     on configs/consep.py's data (real CoNSeP tiles)
+  configs/baseline_unet.py            on configs/demo.py's data (64-px crops of synthetic PanNuke)
+  configs/baseline_unet.py:consep     on configs/consep.py's data (real CoNSeP tiles; with its
+                                      targets, the 6-px separation bands included)
 
   python -m tsfd_jax train --config configs/baseline_unet.py --workdir runs/unet \
       --config.data.root runs/demo/synthetic
