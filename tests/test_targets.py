@@ -11,7 +11,7 @@ from hypothesis.extra.numpy import arrays
 from skimage.segmentation import find_boundaries
 
 from tsfd_jax.ops.targets import (boundaries, boundary_target, contacts, content_edge_band,
-                                  frame_band, semantic_onehot)
+                                  distance_target, frame_band, inner_distance, semantic_onehot)
 
 _boundaries = jax.jit(boundaries)
 
@@ -135,3 +135,62 @@ def test_dilated_boundaries_equal_scipy_dilation_of_skimage(radius):
     for i in range(2):
         np.testing.assert_array_equal(plain[i].astype(bool),
                                       find_boundaries(inst[i], connectivity=1, mode="thick"))
+
+
+def distance_reference(inst):
+    """scipy: per nucleus, the chessboard distance transform of its mask with the image edge
+    counting as outside, and that distance's maximum over the nucleus."""
+    dist = np.zeros(inst.shape, np.int32)
+    peak = np.zeros(inst.shape, np.int32)
+    for i in np.unique(inst[inst > 0]):
+        mask = inst == i
+        d = ndi.distance_transform_cdt(np.pad(mask, 1), metric="chessboard")[1:-1, 1:-1]
+        dist[mask] = d[mask]
+        peak[mask] = d[mask].max()
+    return dist, peak
+
+
+def touching_blobs(rng, h, w, n):
+    """Voronoi cells of n seeds cut to discs: touching, convex nuclei of various sizes."""
+    seeds = rng.integers(0, (h, w), (n, 2))
+    yy, xx = np.mgrid[:h, :w]
+    d2 = (yy[..., None] - seeds[:, 0]) ** 2 + (xx[..., None] - seeds[:, 1]) ** 2
+    inst = (d2.argmin(-1) + 1).astype(np.int32)
+    inst[d2.min(-1) > rng.integers(36, 150)] = 0
+    return inst
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_inner_distance_equals_scipy_per_nucleus(seed):
+    rng = np.random.default_rng(seed)
+    inst = np.stack([touching_blobs(rng, 48, 40, 9) for _ in range(2)])
+    dist, peak = jax.jit(inner_distance)(jnp.asarray(inst))
+    for i in range(2):
+        ref_d, ref_p = distance_reference(inst[i])
+        assert ref_d.max() >= 4  # deep enough to exercise several erosions
+        np.testing.assert_array_equal(np.asarray(dist[i]), ref_d)
+        np.testing.assert_array_equal(np.asarray(peak[i]), ref_p)
+
+
+def test_inner_distance_on_real_maps(shared_data):
+    files = sorted((shared_data / "consep" / "train").glob("*.npz"))[:3]
+    assert files
+    for f in files:
+        inst = np.load(f, allow_pickle=False)["inst"].astype(np.int32)
+        dist, peak = jax.jit(inner_distance)(inst)
+        ref_d, ref_p = distance_reference(inst)
+        np.testing.assert_array_equal(np.asarray(dist), ref_d, err_msg=str(f))
+        np.testing.assert_array_equal(np.asarray(peak), ref_p, err_msg=str(f))
+
+
+def test_distance_target_marks_every_nucleus_centre():
+    inst = touching_blobs(np.random.default_rng(7), 40, 40, 7)
+    t = np.asarray(distance_target(jnp.asarray(inst)))
+    ref_d, ref_p = distance_reference(inst)
+    np.testing.assert_allclose(t[inst > 0], 1 - ref_d[inst > 0] / ref_p[inst > 0], atol=1e-6)
+    assert (t[inst == 0] == 1).all() and t.min() >= 0
+    for i in np.unique(inst[inst > 0]):
+        assert t[inst == i].min() == 0  # each nucleus has a core at 0, small ones included
+    # Edge pixels of touching nuclei are high, so thresholding separates them.
+    rim = np.asarray(contacts(jnp.asarray(inst)))
+    assert rim.any() and (t[rim] >= 1 - 1 / ref_p[rim] - 1e-6).all()

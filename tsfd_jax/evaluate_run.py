@@ -29,7 +29,7 @@ from tsfd_jax.tune import collect, load_tuned, save_tuned, search, tuned_metric
 ADDED_FIELDS = {("model", "depthwise_impl"): "auto", ("model", "arch"): "tsfd",
                 ("model", "unet_features"): (16, 32, 64), ("optim", "name"): "sgd",
                 ("model", "stem_skip"): 0, ("targets", "boundary_dilation"): 0,
-                ("model", "input_skip"): 0}
+                ("model", "input_skip"): 0, ("targets", "boundary_kind"): "contour"}
 
 
 def load_run_config(workdir: Path, tuned: bool = True) -> ml_collections.ConfigDict:

@@ -24,7 +24,7 @@ import ml_collections
 from tsfd_jax.ops.augment import augment_example
 from tsfd_jax.ops.resize import resize_bilinear, resize_nearest
 from tsfd_jax.ops.stain import MATRICES, SCALINGS, stain_channels
-from tsfd_jax.ops.targets import boundary_target, contacts
+from tsfd_jax.ops.targets import boundary_target, contacts, distance_target
 
 CHANNEL_SETS = {"rgb": 3, "rgb_he": 5, "rgb_her": 6}  # PAPER Table 5's input variants
 
@@ -94,6 +94,11 @@ def at_label_size(cfg, label_size: int):
     return out
 
 
+# What the boundary channel is trained to hold (ops/targets.py): the paper's contours, or
+# 1 - the normalised distance to each nucleus' edge (docs/learning.md §12).
+BOUNDARY_KINDS = ("contour", "distance")
+
+
 def model_inputs(images: jax.Array, cfg) -> jax.Array:
     """Network inputs of un-augmented images, as evaluation and prediction feed the model.
 
@@ -119,6 +124,9 @@ def make_preprocess_fn(cfg) -> Callable[[dict, jax.Array, bool], tuple[jax.Array
     augment_on = bool(augment_cfg.get("enabled", False))
     frame_width = int(cfg.targets.frame_width)
     dilation = int(cfg.targets.get("boundary_dilation", 0))
+    kind = str(cfg.targets.get("boundary_kind", "contour"))
+    if kind not in BOUNDARY_KINDS:
+        raise ValueError(f"unknown targets.boundary_kind {kind!r}; expected one of {BOUNDARY_KINDS}")
     # The contact map is only a loss weight; skip it when that weight is off.
     with_contact = float(cfg.loss.get("contact_weight", 0.0)) > 0
 
@@ -138,7 +146,10 @@ def make_preprocess_fn(cfg) -> Callable[[dict, jax.Array, bool], tuple[jax.Array
             image = image.astype(jnp.float32)
             content = None
 
-        boundary = boundary_target(inst, cls, content, frame_width, dilation)
+        if kind == "distance":
+            boundary = distance_target(inst)
+        else:
+            boundary = boundary_target(inst, cls, content, frame_width, dilation)
         inputs = _network_inputs(image, content, train, **settings)
         targets = {
             "cls": cls,

@@ -9,6 +9,10 @@
   content, so nuclei cut by either edge are closed. Not the paper: ``dilation`` > 0 widens the
   contours by that many px on each side (a (2r+1)-px square), the thick separation bands of
   U-Net-style baselines (docs/learning.md §10).
+- Not the paper, ``targets.boundary_kind = "distance"``: the boundary channel holds
+  1 - (distance to the nucleus' edge / the nucleus' largest such distance) instead of contours,
+  StarDist's object probability turned upside down (docs/learning.md §12): 1 on background and
+  at every nucleus' rim, 0 at its centre, so every nucleus has a core whatever its size.
 
 All functions take one example (H, W) or a batch (..., H, W) and run under jit/vmap.
 """
@@ -106,3 +110,58 @@ def boundary_target(inst: jax.Array, cls: jax.Array, content_mask: jax.Array | N
     if content_mask is not None and frame_width > 0:
         band = band | content_edge_band(content_mask, frame_width)
     return (dilate(boundaries(inst), dilation) | (band & nucleus)).astype(jnp.float32)
+
+
+_EIGHT_OFFSETS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx)
+
+
+def _shift_fill(x: jax.Array, dy: int, dx: int, fill) -> jax.Array:
+    """out[i, j] = x[i + dy, j + dx] over the last two axes, ``fill`` beyond the image."""
+    h, w = x.shape[-2:]
+    pad = [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)]
+    xp = jnp.pad(x, pad, constant_values=fill)
+    return xp[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+
+
+def inner_distance(inst: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(..., H, W) labels -> (distance, its per-nucleus maximum), both (..., H, W) int32.
+
+    distance: chessboard distance from a nucleus pixel to the nearest pixel outside its nucleus
+    (another nucleus, background, or beyond the image edge), 1 on the nucleus' rim, 0 on
+    background; the number of 3 x 3 erosions of its own nucleus the pixel survives, plus one.
+    Maximum: the largest distance within the pixel's nucleus (0 on background), spread through
+    the nucleus by repeated 3 x 3 maxima restricted to it. Both loops run until nothing changes.
+    """
+    inst = inst.astype(jnp.int32)
+    nucleus = inst > 0
+    # same[k]: the k-th 8-neighbour lies in this pixel's nucleus.
+    same = [(_shift_fill(inst, dy, dx, 0) == inst) & nucleus for dy, dx in _EIGHT_OFFSETS]
+
+    def erode(state):
+        alive, dist, _ = state
+        nxt = alive
+        for k, (dy, dx) in enumerate(_EIGHT_OFFSETS):
+            nxt = nxt & same[k] & _shift_fill(alive, dy, dx, False)
+        return nxt, dist + nxt.astype(jnp.int32), jnp.any(nxt)
+
+    _, dist, _ = jax.lax.while_loop(lambda s: s[2], erode,
+                                    (nucleus, nucleus.astype(jnp.int32), jnp.any(nucleus)))
+
+    def spread(state):
+        m, _ = state
+        nxt = m
+        for k, (dy, dx) in enumerate(_EIGHT_OFFSETS):
+            nxt = jnp.maximum(nxt, jnp.where(same[k], _shift_fill(m, dy, dx, 0), 0))
+        return nxt, jnp.any(nxt != m)
+
+    peak, _ = jax.lax.while_loop(lambda s: s[1], spread, (dist, jnp.any(nucleus)))
+    return dist, peak
+
+
+def distance_target(inst: jax.Array) -> jax.Array:
+    """(..., H, W) labels -> (..., H, W) float32 in [0, 1]: 1 - distance / its per-nucleus
+    maximum on nuclei (``inner_distance``), 1 on background (``targets.boundary_kind =
+    "distance"``). A nucleus cut by the image edge is measured to that edge."""
+    dist, peak = inner_distance(inst)
+    frac = dist.astype(jnp.float32) / jnp.maximum(peak, 1).astype(jnp.float32)
+    return jnp.where(inst > 0, 1.0 - frac, 1.0).astype(jnp.float32)
