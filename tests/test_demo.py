@@ -18,13 +18,13 @@ def test_demo_reaches_target_quality(tmp_path):
                    env=env, check=True, timeout=3600)
     report = json.loads((out / "train" / "eval" / "demo" / "report.json").read_text())
     summary = report["summary"]
-    # The README's measured run (post-processing tuned on fold 2): bPQ 0.560, mPQ 0.401,
-    # detection F1 0.742 on the 128 held-out 256-px patches, every class but Dead above 0.1.
+    # The README's measured runs (post-processing tuned on fold 2): bPQ 0.62, mPQ 0.48-0.53,
+    # detection F1 0.78 on the 128 held-out 256-px patches, every class but Dead above 0.1.
     # The bounds leave room for other CPUs' arithmetic; a model whose evaluation collapses
     # scores 0 on all of them.
-    assert summary["bPQ"] >= 0.5, summary
-    assert summary["mPQ"] >= 0.33, summary
-    assert report["detection"]["F1d"] >= 0.68, report["detection"]
+    assert summary["bPQ"] >= 0.55, summary
+    assert summary["mPQ"] >= 0.40, summary
+    assert report["detection"]["F1d"] >= 0.72, report["detection"]
     found = {c: v for c, v in report["pq"]["class_PQ"].items() if c != "Dead"}
     assert all(v > 0.05 for v in found.values()), found
     assert (out / "train" / "postprocess.json").exists()
