@@ -194,3 +194,15 @@ def test_distance_target_marks_every_nucleus_centre():
     # Edge pixels of touching nuclei are high, so thresholding separates them.
     rim = np.asarray(contacts(jnp.asarray(inst)))
     assert rim.any() and (t[rim] >= 1 - 1 / ref_p[rim] - 1e-6).all()
+
+
+def test_distance_peak_is_per_piece_of_a_split_nucleus():
+    # One label in two pieces (a nucleus cut by an augmentation's fill): each piece is
+    # normalised by its own depth, so the small piece also gets a core at 0.
+    inst = np.zeros((20, 30), np.int32)
+    inst[2:17, 2:17] = 1     # 15 x 15: depth 8
+    inst[5:8, 22:25] = 1     # 3 x 3: depth 2
+    dist, peak = inner_distance(jnp.asarray(inst))
+    assert int(peak[9, 9]) == 8 and int(peak[6, 23]) == 2
+    t = np.asarray(distance_target(jnp.asarray(inst)))
+    assert t[9, 9] == 0 and t[6, 23] == 0

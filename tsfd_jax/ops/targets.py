@@ -129,8 +129,9 @@ def inner_distance(inst: jax.Array) -> tuple[jax.Array, jax.Array]:
     distance: chessboard distance from a nucleus pixel to the nearest pixel outside its nucleus
     (another nucleus, background, or beyond the image edge), 1 on the nucleus' rim, 0 on
     background; the number of 3 x 3 erosions of its own nucleus the pixel survives, plus one.
-    Maximum: the largest distance within the pixel's nucleus (0 on background), spread through
-    the nucleus by repeated 3 x 3 maxima restricted to it. Both loops run until nothing changes.
+    Maximum: the largest distance within the pixel's 8-connected piece of its nucleus (0 on
+    background; a nucleus cut in two gets one per piece), spread by repeated 3 x 3 maxima
+    restricted to the nucleus. Both loops run until nothing changes.
     """
     inst = inst.astype(jnp.int32)
     nucleus = inst > 0
