@@ -1,6 +1,7 @@
 """show-batch: a picture of what the network is fed, to check data, augmentation and targets.
 
-For each example two rows, plain (``train=False``) and augmented (``train=True``), both through the
+For each example two rows, plain (``train=False``) and augmented (``train=True``; the same as
+plain, and labelled so, when the config switches augmentation off), both through the
 device-side preprocessing of the config (``tsfd_jax.ops.preprocess``): the RGB input, each stain
 channel (H, E, R of colour deconvolution, paper Eq. 13-15) in grey, the semantic target coloured
 per class and the boundary target (paper §3.4). Grey panels are stretched to their own range,
@@ -173,11 +174,13 @@ def run(args: argparse.Namespace) -> int:
     label_names = prepared.metadata.get("label_names") or list(cfg.data.label_names)
     palette = class_palette(label_names)
     rows = []
+    # With augmentation off (configs/demo.py) both rows are the same; the label says why.
+    train_name = "augmented" if cfg.augment.get("enabled", False) else "training (no augment)"
     for j in range(num):
-        for name, (inputs, targets) in (("plain", plain), ("augmented", augmented)):
+        for name, (inputs, targets) in (("plain", plain), (train_name, augmented)):
             cells = example_cells(np.asarray(inputs), targets, j, palette)
             rows.append((f"{keys[j]}\n{name}", cells))
     panel = max(int(np.asarray(plain[1]["cls"]).shape[1]), MIN_PANEL)
     write_png_atomic(compose(rows, panel), out)
-    print(f"wrote {out} ({num} examples of {split!r}, plain and augmented rows)")
+    print(f"wrote {out} ({num} examples of {split!r}, plain and {train_name} rows)")
     return 0
