@@ -179,6 +179,15 @@ def test_sweep_yields_every_variant(module):
 
 # ---- CoNSeP ----------------------------------------------------------------------------------
 
+def test_demo_real_variant_only_switches_augmentation_back_on():
+    from configs import demo
+    synthetic, real = demo.get_config(), demo.get_config("real")
+    assert diff(synthetic, real) == {"augment.enabled": True}
+    assert consep.get_config().augment.enabled  # real tiles keep the paper's augmentation
+    with pytest.raises(ValueError, match="unknown variant"):
+        demo.get_config("fold2")
+
+
 def test_consep_config():
     c = consep.get_config()
     assert c.data.source == "folders" and c.data.val_fraction == 0.2
