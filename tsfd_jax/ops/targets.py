@@ -28,11 +28,13 @@ def semantic_onehot(cls: jax.Array, num_classes: int) -> jax.Array:
     return jax.nn.one_hot(cls, num_classes, dtype=jnp.float32)
 
 
-def _shift(x: jax.Array, dy: int, dx: int) -> jax.Array:
-    """out[i, j] = x[i + dy, j + dx] over the last two axes, edges replicated."""
+def _shift(x: jax.Array, dy: int, dx: int, fill=None) -> jax.Array:
+    """out[i, j] = x[i + dy, j + dx] over the last two axes; beyond the image the edge is
+    replicated, or ``fill`` when given."""
     h, w = x.shape[-2:]
     pad = [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)]
-    xp = jnp.pad(x, pad, mode="edge")
+    xp = (jnp.pad(x, pad, mode="edge") if fill is None
+          else jnp.pad(x, pad, constant_values=fill))
     return xp[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
 
 
@@ -115,14 +117,6 @@ def boundary_target(inst: jax.Array, cls: jax.Array, content_mask: jax.Array | N
 _EIGHT_OFFSETS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx)
 
 
-def _shift_fill(x: jax.Array, dy: int, dx: int, fill) -> jax.Array:
-    """out[i, j] = x[i + dy, j + dx] over the last two axes, ``fill`` beyond the image."""
-    h, w = x.shape[-2:]
-    pad = [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)]
-    xp = jnp.pad(x, pad, constant_values=fill)
-    return xp[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
-
-
 def inner_distance(inst: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(..., H, W) labels -> (distance, its per-nucleus maximum), both (..., H, W) int32.
 
@@ -136,13 +130,13 @@ def inner_distance(inst: jax.Array) -> tuple[jax.Array, jax.Array]:
     inst = inst.astype(jnp.int32)
     nucleus = inst > 0
     # same[k]: the k-th 8-neighbour lies in this pixel's nucleus.
-    same = [(_shift_fill(inst, dy, dx, 0) == inst) & nucleus for dy, dx in _EIGHT_OFFSETS]
+    same = [(_shift(inst, dy, dx, 0) == inst) & nucleus for dy, dx in _EIGHT_OFFSETS]
 
     def erode(state):
         alive, dist, _ = state
         nxt = alive
         for k, (dy, dx) in enumerate(_EIGHT_OFFSETS):
-            nxt = nxt & same[k] & _shift_fill(alive, dy, dx, False)
+            nxt = nxt & same[k] & _shift(alive, dy, dx, False)
         return nxt, dist + nxt.astype(jnp.int32), jnp.any(nxt)
 
     _, dist, _ = jax.lax.while_loop(lambda s: s[2], erode,
@@ -152,7 +146,7 @@ def inner_distance(inst: jax.Array) -> tuple[jax.Array, jax.Array]:
         m, _ = state
         nxt = m
         for k, (dy, dx) in enumerate(_EIGHT_OFFSETS):
-            nxt = jnp.maximum(nxt, jnp.where(same[k], _shift_fill(m, dy, dx, 0), 0))
+            nxt = jnp.maximum(nxt, jnp.where(same[k], _shift(m, dy, dx, 0), 0))
         return nxt, jnp.any(nxt != m)
 
     peak, _ = jax.lax.while_loop(lambda s: s[1], spread, (dist, jnp.any(nucleus)))
