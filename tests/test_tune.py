@@ -103,6 +103,14 @@ def test_search_finds_settings_that_recover_the_nuclei():
     assert score(cfg, data, best) == tuned
 
 
+def test_search_in_worker_processes_chooses_as_one_process_does():
+    cfg = default.get_config()
+    data = _uncertain_predictions(4)
+    one = search(cfg, data, "mPQ")
+    two = search(cfg, data, "mPQ", workers=2)
+    assert one == two
+
+
 def _workdir(tmp_path, postprocess_json=None):
     (tmp_path / "config.json").write_text(json.dumps(default.get_config().to_dict()))
     if postprocess_json is not None:

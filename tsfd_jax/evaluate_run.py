@@ -21,7 +21,8 @@ from tsfd_jax.evaluate_images import evaluate_folder, write_folder_report
 from tsfd_jax.postprocess import PostprocessParams
 from tsfd_jax.predict import make_predict_fn
 from tsfd_jax.report import write_report
-from tsfd_jax.tune import collect, load_tuned, save_tuned, search, tuned_metric
+from tsfd_jax.tune import (collect, default_workers, load_tuned, save_tuned, search,
+                           tuned_metric)
 
 
 # Fields added to the config after runs were trained, with the value that reproduces what those
@@ -63,7 +64,7 @@ def tune_workdir(workdir: str | Path, checkpoint: str = "last", max_images: int 
     variables, step = restore_variables(workdir, checkpoint)
     cfg, source = load_eval_split(cfg, workdir, "val")
     max_images = max_images or int(cfg.eval.get("tune_max_images", 0)) or None
-    workers = int(cfg.data.num_workers) if workers is None else workers
+    workers = default_workers() if workers is None else workers
     data = collect(cfg, variables, source, max_images)
     metric = tuned_metric(cfg)
     best, tuned, untuned = search(cfg, data, metric, workers)

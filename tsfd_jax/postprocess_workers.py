@@ -38,6 +38,22 @@ def _run_spilled(folder: str, a: int, b: int, params: PostprocessParams) -> list
     return _run_many(seg[a:b], bdr[a:b], params)
 
 
+def spill_arrays(arrays: dict[str, np.ndarray]) -> str:
+    """A new temporary folder (memory-backed /dev/shm where present) holding ``<name>.npy`` of
+    every array, for worker processes to map instead of receiving pickles. The caller removes
+    it (``shutil.rmtree``)."""
+    shm = "/dev/shm"
+    base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+    folder = tempfile.mkdtemp(prefix="tsfd-postprocess-", dir=base)
+    try:
+        for name, array in arrays.items():
+            np.save(os.path.join(folder, f"{name}.npy"), np.asarray(array))
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
+
+
 class _Pending:
     """A batch handed to the pool. The arrays go through a memory-backed temporary folder
     (/dev/shm where present) instead of being pickled into the pipe, which cost more than
@@ -45,12 +61,8 @@ class _Pending:
 
     def __init__(self, pool: cf.ProcessPoolExecutor, seg_probs, boundary_probs, params,
                  workers: int):
-        shm = "/dev/shm"
-        base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
-        self.folder = tempfile.mkdtemp(prefix="tsfd-postprocess-", dir=base)
+        self.folder = spill_arrays({"seg": seg_probs, "bdr": boundary_probs})
         try:
-            np.save(os.path.join(self.folder, "seg.npy"), np.asarray(seg_probs))
-            np.save(os.path.join(self.folder, "bdr.npy"), np.asarray(boundary_probs))
             n = len(seg_probs)
             step = max(1, -(-n // (4 * workers)))  # several pieces per worker: even load
             self.futures = [pool.submit(_run_spilled, self.folder, a, min(a + step, n), params)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,11 @@ from tsfd_jax.errors import UserError
 from tsfd_jax.data.pannuke import to_pannuke_masks
 from tsfd_jax.evaluate import predict_batches
 from tsfd_jax.metrics.pq import pannuke_pq
-from tsfd_jax.postprocess import METHODS, PostprocessParams, to_pannuke_layout
-from tsfd_jax.postprocess_workers import postprocess_batch
+from tsfd_jax.postprocess import METHODS, PostprocessParams, postprocess, to_pannuke_layout
+from tsfd_jax.postprocess_workers import make_executor, postprocess_batch, spill_arrays
 
 TUNED_FILE = "postprocess.json"
+DATA_KEYS = ("seg", "boundary", "truth", "tissue")  # what ``collect`` returns
 # Values searched per setting. Settings a method does not use are not searched for it.
 GRID: dict[str, tuple] = {
     "seg_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
@@ -62,45 +65,102 @@ def collect(cfg, variables: dict, source, max_images: int | None = None) -> dict
             "truth": np.stack(truth), "tissue": np.asarray(tissue)}
 
 
-def score(cfg, data: dict, params: PostprocessParams, workers: int = 0) -> dict:
-    """mPQ and bPQ of ``params`` on collected probabilities (the evaluation's averaging)."""
-    class_names = tuple(cfg.data.label_names)[1:]
-    tissue_names = tuple(cfg.data.tissue_names)
-    results = postprocess_batch(data["seg"], data["boundary"], params, workers)
+def _scoring(cfg) -> tuple[tuple[str, ...], tuple[str, ...], float]:
+    """What scoring needs of the config, as plain values a worker process can take."""
+    return (tuple(cfg.data.label_names)[1:], tuple(cfg.data.tissue_names),
+            float(cfg.eval.match_iou))
+
+
+def _pq(data: dict, results: list, class_names, tissue_names, match_iou) -> dict:
     pred = np.stack([to_pannuke_layout(r.inst, r.classes, len(class_names)) for r in results])
     types = None
     if tissue_names:
         types = np.asarray([tissue_names[t] if t < len(tissue_names) else str(t)
                             for t in data["tissue"]])
     pq = pannuke_pq(data["truth"], pred, types, class_names=class_names,
-                    tissue_names=tissue_names or None, match_iou=float(cfg.eval.match_iou))
+                    tissue_names=tissue_names or None, match_iou=match_iou)
     return {"mPQ": float(pq["mPQ"]), "bPQ": float(pq["bPQ"])}
+
+
+def score(cfg, data: dict, params: PostprocessParams, workers: int = 0) -> dict:
+    """mPQ and bPQ of ``params`` on collected probabilities (the evaluation's averaging)."""
+    results = postprocess_batch(data["seg"], data["boundary"], params, workers)
+    return _pq(data, results, *_scoring(cfg))
+
+
+def _score_spilled(folder: str, params: PostprocessParams, scoring: tuple) -> dict:
+    data = {k: np.load(os.path.join(folder, f"{k}.npy"), mmap_mode="r") for k in DATA_KEYS}
+    results = [postprocess(s, b, params) for s, b in zip(data["seg"], data["boundary"])]
+    return _pq(data, results, *scoring)
+
+
+class _CandidatePool:
+    """Scores many settings at once, one whole candidate per worker process: the data is
+    spilled once (``spill_arrays``), each worker post-processes and scores every image."""
+
+    def __init__(self, cfg, data: dict, workers: int):
+        self.scoring = _scoring(cfg)
+        self.folder = spill_arrays({k: data[k] for k in DATA_KEYS})
+        self.pool = make_executor(workers)
+
+    def map(self, candidates: list[PostprocessParams]) -> list[dict]:
+        futures = [self.pool.submit(_score_spilled, self.folder, p, self.scoring)
+                   for p in candidates]
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def default_workers() -> int:
+    """Processes for tuning: every core (the device is idle by then), none on one core."""
+    n = os.cpu_count() or 1
+    return 0 if n < 2 else min(n, max(len(v) for v in GRID.values()))
 
 
 def search(cfg, data: dict, metric: str, workers: int = 0,
            methods: tuple[str, ...] = METHODS) -> tuple[PostprocessParams, dict, dict]:
-    """(best params, their scores, the config's own scores) by coordinate descent."""
+    """(best params, their scores, the config's own scores) by coordinate descent.
+
+    With ``workers`` > 0 the values of one setting are scored side by side in that many
+    processes; the choice is the same as scoring them one after the other (each candidate of
+    a setting differs from the current settings in that setting only, so all of them are known
+    before the sweep over it starts).
+    """
     start = PostprocessParams.of(cfg.postprocess)
     cache: dict[PostprocessParams, dict] = {}
+    pool = _CandidatePool(cfg, data, workers) if workers > 0 else None
+
+    def prefetch(candidates: list[PostprocessParams]) -> None:
+        missing = [p for p in dict.fromkeys(candidates) if p not in cache]
+        if pool is not None and missing:
+            cache.update(zip(missing, pool.map(missing)))
 
     def value(p: PostprocessParams) -> float:
         if p not in cache:
-            cache[p] = score(cfg, data, p, workers)
+            cache[p] = score(cfg, data, p)
         v = cache[p][metric]
         return -1.0 if np.isnan(v) else v
 
-    best = start
-    value(start)
-    for method in methods:
-        current = dataclasses.replace(start, method=method)
-        for _ in range(SWEEPS):
-            for key in USED_BY[method]:
-                for v in GRID[key]:
-                    candidate = dataclasses.replace(current, **{key: v})
-                    if value(candidate) > value(current):
-                        current = candidate
-        if value(current) > value(best):
-            best = current
+    try:
+        best = start
+        prefetch([start])
+        value(start)
+        for method in methods:
+            current = dataclasses.replace(start, method=method)
+            for _ in range(SWEEPS):
+                for key in USED_BY[method]:
+                    candidates = [dataclasses.replace(current, **{key: v}) for v in GRID[key]]
+                    prefetch([current] + candidates)
+                    for candidate in candidates:
+                        if value(candidate) > value(current):
+                            current = candidate
+            if value(current) > value(best):
+                best = current
+    finally:
+        if pool is not None:
+            pool.close()
     return best, cache[best], cache[start]
 
 
