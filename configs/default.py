@@ -80,6 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.frame_width = 2             # 2-px band enclosing nuclei cut by the patch edge (§3.4)
     t.boundary_dilation = 0       # not the paper: widen contours by this many px per side
     t.boundary_kind = "contour"   # contour (paper) | distance: 1 - normalised inner distance
+                                  # | hv: HoVer-Net's maps (needs loss.boundary="mse_msge")
 
     # ---- model -------------------------------------------------------------------------
     c.model = m = ml_collections.ConfigDict()
@@ -122,6 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     l.boundary_ft = (0.3, 0.7, 5.0)
     l.boundary_aux_weight = 0.4   # w_bdr
     l.contact_weight = 0.0        # BCE boundary: extra weight between touching nuclei (not the paper)
+    l.hv_gradient_weight = 2.0    # mse_msge: weight of the gradient term (HoVer-Net's lambda_b)
     l.combo_alpha = 0.7
     l.combo_ce_ratio = 0.4
     l.border_weight = 3.0         # authors' BCE/Dice border weighting (§2.2)

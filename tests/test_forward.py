@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from configs import tiny
 from tests.test_model import random_variables
@@ -14,16 +15,21 @@ from tests.train_utils import disc_batch
 from tsfd_jax import parallel
 from tsfd_jax.data.pipeline import to_global
 from tsfd_jax.evaluate import make_eval_fn
-from tsfd_jax.forward import resize_to_labels
+from tsfd_jax.forward import boundary_probability, resize_to_labels
+from tsfd_jax.ops.targets import hv_energy
 from tsfd_jax.models.summary import abstract_variables
 from tsfd_jax.models.tsfd import build_model, input_shape
 from tsfd_jax.predict import make_predict_fn
 
 
-def test_eval_step_and_predict_give_the_same_probabilities():
+@pytest.mark.parametrize("kind", ["contour", "hv"])
+def test_eval_step_and_predict_give_the_same_probabilities(kind):
     """The network input runs at twice the label size: both paths resize the logits to the
-    labels the same way and end in the same probabilities."""
+    labels the same way and end in the same probabilities (for HoVer-Net's maps, the same
+    boundary map made of them)."""
     cfg = tiny.get_config()
+    if kind == "hv":
+        cfg.targets.boundary_kind, cfg.loss.boundary = "hv", "mse_msge"
     assert cfg.input.size == 2 * cfg.data.image_size
     variables = random_variables(abstract_variables(build_model(cfg), input_shape(cfg)), seed=3)
     size = int(cfg.data.image_size)
@@ -36,6 +42,8 @@ def test_eval_step_and_predict_give_the_same_probabilities():
     for name, probs in from_predict.items():
         assert probs.shape == from_eval[name].shape
         np.testing.assert_allclose(probs, from_eval[name], atol=1e-5, err_msg=name)
+    bp = from_predict["boundary_prob"]
+    assert bp.shape == batch["image"].shape[:3] and bp.min() >= 0 and bp.max() <= 1
 
 
 def test_logits_resized_to_labels_as_jax_image_resize():
@@ -50,6 +58,15 @@ def test_logits_resized_to_labels_as_jax_image_resize():
             x = outputs[name]
             want = jax.image.resize(x, (2, *size, x.shape[-1]), "bilinear", antialias=False)
             np.testing.assert_allclose(out[name], want, atol=1e-5, err_msg=f"{name} {size}")
+
+
+def test_boundary_probability_of_one_and_two_channels():
+    rng = np.random.default_rng(1)
+    one = rng.normal(size=(2, 8, 8, 1)).astype(np.float32)
+    np.testing.assert_allclose(boundary_probability(one), 1 / (1 + np.exp(-one[..., 0])),
+                               rtol=1e-6)
+    two = rng.normal(size=(2, 8, 8, 2)).astype(np.float32)
+    np.testing.assert_array_equal(boundary_probability(two), hv_energy(two))
 
 
 def test_inference_never_imports_training():

@@ -482,6 +482,55 @@ def test_contact_weight_weighs_the_boundary_bce_between_touching_nuclei():
     close(weighted["seg_ft"], plain["seg_ft"])  # the class terms do not change
 
 
+def ref_hv_gradients(hv):
+    """HoVer-Net's 5 x 5 Sobel kernels (x / (x^2 + y^2), y / (x^2 + y^2)) by scipy, float64,
+    zeros beyond the edge."""
+    r = np.arange(-2, 3, dtype=np.float64)
+    y, x = np.meshgrid(r, r, indexing="ij")
+    den = x * x + y * y
+    den[2, 2] = 1.0
+    kh, kv = x / den, y / den
+    out = np.zeros(hv.shape, np.float64)
+    for b in range(hv.shape[0]):
+        out[b, ..., 0] = ndimage.correlate(hv[b, ..., 0].astype(np.float64), kh, mode="constant")
+        out[b, ..., 1] = ndimage.correlate(hv[b, ..., 1].astype(np.float64), kv, mode="constant")
+    return out
+
+
+def test_hv_losses_match_reference():
+    outputs, targets = _batch(seed=8)
+    rng = np.random.default_rng(9)
+    pred = rng.normal(size=(B, H, W, 2))
+    true = np.clip(rng.normal(size=(B, H, W, 2)), -1, 1) * (np.asarray(targets["cls"]) > 0)[..., None]
+    outputs = {**outputs, "boundary_logits": jnp.asarray(pred, jnp.float32)}
+    targets = {**targets, "boundary": jnp.asarray(true, jnp.float32)}
+    cfg = get_config().loss
+    cfg.boundary, cfg.w_boundary, cfg.hv_gradient_weight = "mse_msge", 1.5, 2.0
+    _, t = jax.jit(lambda o, g: L.tsfd_loss(o, g, cfg))(outputs, targets)
+    m = np.asarray(targets["weight"])[..., None] * np.ones((1, 1, 1, 2))
+    close(t["bdr_mse"], np.sum(m * (pred - true) ** 2) / np.sum(m))
+    focus = m * (np.asarray(targets["cls"]) > 0)[..., None]
+    g = ref_hv_gradients(pred) - ref_hv_gradients(true)
+    close(t["bdr_msge"], np.sum(focus * g * g) / np.sum(focus))
+    close(t["loss_boundary"], 1.5 * (float(t["bdr_mse"]) + 2.0 * float(t["bdr_msge"])))
+    # Perfect maps cost nothing.
+    _, zero = L.tsfd_loss({**outputs, "boundary_logits": targets["boundary"]}, targets, cfg)
+    assert float(zero["bdr_mse"]) == 0 and float(zero["bdr_msge"]) == 0
+
+
+def test_hv_target_and_loss_go_together():
+    from tsfd_jax.ops.preprocess import check_boundary_kind
+    cfg = get_config()
+    cfg.targets.boundary_kind = "hv"
+    with pytest.raises(UserError, match="mse_msge"):
+        check_boundary_kind(cfg)  # one line at the command line, not a traceback
+    cfg.loss.boundary = "mse_msge"
+    assert check_boundary_kind(cfg) == "hv"
+    cfg.targets.boundary_kind = "contour"
+    with pytest.raises(UserError, match="mse_msge"):
+        check_boundary_kind(cfg)
+
+
 def test_tsfd_loss_cbb_resize_bf16_and_bad_names():
     tsfd_loss = _jitted_loss()
     # CBB: no tissue head, no tissue term

@@ -627,3 +627,19 @@ def test_input_skip_gives_logits_at_the_input_resolution_starting_from_the_bilin
     moved = _moved(skip_model, skip, x, "boundary_input_skip")
     assert np.abs(moved["boundary_logits"] - out_skip["boundary_logits"]).max() > 1e-3
     np.testing.assert_allclose(moved["seg_logits"], out_skip["seg_logits"], atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["tsfd", "unet"])
+def test_hv_targets_give_a_two_channel_boundary_head(arch):
+    cfg = tiny_cfg()
+    cfg.model.arch = arch
+    cfg.model.tissue_head = False
+    cfg.targets.boundary_kind, cfg.loss.boundary = "hv", "mse_msge"
+    x = jnp.zeros(input_shape(cfg, 1, 64))
+    shapes = jax.eval_shape(lambda: build_model(cfg).init_with_output(
+        jax.random.key(0), x, train=False)[0])
+    assert shapes["boundary_logits"].shape[-1] == 2
+    assert shapes["seg_logits"].shape[-1] == len(cfg.data.label_names)
+    cfg.loss.boundary = "bce"  # the maps need their own loss
+    with pytest.raises(UserError, match="mse_msge"):
+        build_model(cfg)

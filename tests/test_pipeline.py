@@ -268,3 +268,20 @@ def test_show_batch_writes_the_picture_and_refuses_to_overwrite(prepared_dir, tm
     assert refused.value.code == 2 and "already exists" in capsys.readouterr().err
     assert out.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["batch.png"]  # no temporary file left
+
+
+def test_show_batch_draws_hv_maps_and_their_boundary_map(prepared_dir, tmp_path):
+    from PIL import Image
+
+    from tsfd_jax.commands import show_batch
+    from tsfd_jax.cli import main
+
+    out = tmp_path / "batch.png"
+    with pytest.raises(SystemExit) as done:
+        main(["show-batch", "--data", str(prepared_dir), "--split", "fold1", "--num", "1",
+              "--config", str(ROOT / "configs" / "tiny.py"), "--out", str(out),
+              "--config.targets.boundary_kind=hv", "--config.loss.boundary=mse_msge"])
+    assert done.value.code == 0
+    panel = max(32, show_batch.MIN_PANEL)
+    cols = 1 + 3 + 1 + 3                    # + semantic, horizontal, vertical, energy
+    assert Image.open(out).size[0] == show_batch.LEFT + cols * (panel + show_batch.GAP)

@@ -10,7 +10,8 @@ from configs.default import get_config
 from tsfd_jax.ops.preprocess import make_preprocess_fn, model_inputs
 from tsfd_jax.ops.resize import downsample2x, resize_bilinear, resize_nearest, upsample2x
 from tsfd_jax.ops.stain import stain_channels
-from tsfd_jax.ops.targets import boundary_target, contacts, distance_target
+from tsfd_jax.errors import UserError
+from tsfd_jax.ops.targets import boundary_target, contacts, distance_target, hv_target
 
 H = 32
 B = 8
@@ -169,7 +170,7 @@ def test_bad_config_values_are_rejected():
         make_preprocess_fn(small_config(stain_matrix="nope"))
     cfg = small_config()
     cfg.targets.boundary_kind = "edges"
-    with pytest.raises(ValueError, match="boundary_kind"):
+    with pytest.raises(UserError, match="boundary_kind"):
         make_preprocess_fn(cfg)
 
 
@@ -183,6 +184,15 @@ def test_boundary_dilation_and_contact_targets_follow_the_config(batch):
         np.asarray(boundary_target(batch["inst"], batch["cls"], None, 2, 2)))
     np.testing.assert_array_equal(np.asarray(targets["contact"]),
                                   np.asarray(contacts(jnp.asarray(batch["inst"]))))
+
+
+def test_hv_boundary_target_follows_the_config(batch):
+    cfg = small_config()
+    cfg.targets.boundary_kind, cfg.loss.boundary = "hv", "mse_msge"
+    _, targets = run(cfg, batch, jax.random.key(0), False)
+    assert targets["boundary"].shape == batch["inst"].shape + (2,)
+    np.testing.assert_array_equal(np.asarray(targets["boundary"]),
+                                  np.asarray(hv_target(jnp.asarray(batch["inst"]))))
 
 
 def test_distance_boundary_target_follows_the_config(batch):

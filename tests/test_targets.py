@@ -11,7 +11,8 @@ from hypothesis.extra.numpy import arrays
 from skimage.segmentation import find_boundaries
 
 from tsfd_jax.ops.targets import (boundaries, boundary_target, contacts, content_edge_band,
-                                  distance_target, frame_band, inner_distance, semantic_onehot)
+                                  distance_target, frame_band, hv_energy, hv_target,
+                                  inner_distance, semantic_onehot)
 
 _boundaries = jax.jit(boundaries)
 
@@ -206,3 +207,58 @@ def test_distance_peak_is_per_piece_of_a_split_nucleus():
     assert int(peak[9, 9]) == 8 and int(peak[6, 23]) == 2
     t = np.asarray(distance_target(jnp.asarray(inst)))
     assert t[9, 9] == 0 and t[6, 23] == 0
+
+
+def hv_reference(inst):
+    """HoVer-Net's horizontal and vertical maps in float64, written from its definition: per
+    nucleus, offsets from scipy's centre of mass, negative and positive sides each divided by
+    their largest magnitude."""
+    out = np.zeros(inst.shape + (2,), np.float64)
+    rows, cols = np.mgrid[:inst.shape[0], :inst.shape[1]]
+    for i in np.unique(inst[inst > 0]):
+        mask = inst == i
+        cy, cx = ndi.center_of_mass(mask)
+        for c, d in enumerate((cols - cx, rows - cy)):
+            d = d[mask].astype(np.float64)
+            neg, pos = d < 0, d > 0
+            if neg.any():
+                d[neg] /= -d[neg].min()
+            if pos.any():
+                d[pos] /= d[pos].max()
+            out[..., c][mask] = d
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_hv_target_equals_a_float64_reference(seed):
+    rng = np.random.default_rng(seed)
+    inst = np.stack([touching_blobs(rng, 48, 40, 9) for _ in range(2)])
+    # Ids need not be contiguous or small.
+    inst = np.where(inst > 0, inst * 1009 + 70000, 0).astype(np.int32)
+    t = np.asarray(jax.jit(hv_target)(jnp.asarray(inst)))
+    assert t.shape == inst.shape + (2,)
+    for i in range(2):
+        np.testing.assert_allclose(t[i], hv_reference(inst[i]), atol=1e-5)
+
+
+def test_hv_target_on_real_maps(shared_data):
+    files = sorted((shared_data / "consep" / "train").glob("*.npz"))[:2]
+    assert files
+    for f in files:
+        inst = np.load(f, allow_pickle=False)["inst"].astype(np.int32)
+        t = np.asarray(jax.jit(hv_target)(inst))
+        np.testing.assert_allclose(t, hv_reference(inst), atol=1e-5, err_msg=str(f))
+        assert t.min() == -1 and t.max() == 1
+
+
+def test_hv_energy_separates_touching_nuclei_and_is_zero_inside():
+    inst = np.zeros((24, 40), np.int32)
+    inst[4:20, 4:20] = 1
+    inst[4:20, 20:36] = 2    # touches nucleus 1 along column 19|20
+    e = np.asarray(hv_energy(hv_target(jnp.asarray(inst))))
+    assert e.shape == inst.shape and e.min() >= 0 and e.max() <= 1
+    assert (e[6:18, 19:21] > 0.8).all()              # the split between them
+    assert (e[6:18, 7:17] == 0).all() and (e[6:18, 23:33] == 0).all()  # their insides
+    # A single nucleus has no inner split: the energy stays below the split's on its rims.
+    single = np.asarray(hv_energy(hv_target(jnp.asarray(inst == 1).astype(jnp.int32))))
+    assert single[6:18, 5:18].max() < 0.2

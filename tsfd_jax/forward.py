@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from tsfd_jax.losses import tsfd_loss
 from tsfd_jax.ops.resize import resize_bilinear
+from tsfd_jax.ops.targets import hv_energy
 
 PyTree = Any
 LOGITS = ("seg_logits", "boundary_logits")
@@ -39,12 +40,21 @@ def apply_at_labels(model, variables: dict, inputs: jax.Array, size: tuple[int, 
     return resize_to_labels(outputs, size), batch_stats
 
 
+def boundary_probability(boundary_logits: jax.Array) -> jax.Array:
+    """(B, H, W, 1) logits -> (B, H, W) sigmoid; (B, H, W, 2) HoVer-Net maps (the only
+    two-channel boundary output, ``targets.boundary_kind="hv"``) -> their ``hv_energy``, so
+    post-processing, tuning and predict read one boundary map whatever the target."""
+    x = boundary_logits.astype(jnp.float32)
+    if x.shape[-1] == 2:
+        return hv_energy(x)
+    return jax.nn.sigmoid(x[..., 0])
+
+
 def probabilities(outputs: dict) -> dict:
-    """Logits -> ``seg_prob`` (softmax), ``boundary_prob`` (sigmoid, channel dropped) and, with a
+    """Logits -> ``seg_prob`` (softmax), ``boundary_prob`` (``boundary_probability``) and, with a
     tissue head, ``tissue_prob`` (softmax); float32 whatever the compute dtype."""
     probs = {"seg_prob": jax.nn.softmax(outputs["seg_logits"].astype(jnp.float32), -1),
-             "boundary_prob": jax.nn.sigmoid(
-                 outputs["boundary_logits"][..., 0].astype(jnp.float32))}
+             "boundary_prob": boundary_probability(outputs["boundary_logits"])}
     if "tissue_logits" in outputs:
         probs["tissue_prob"] = jax.nn.softmax(outputs["tissue_logits"].astype(jnp.float32), -1)
     return probs

@@ -35,7 +35,8 @@ FT_EPS = {"paper": 1e-7, "authors": 1e-6}  # Table 3 epsilon; the authors' ``smo
 SEG_LOSSES = {"ft": ("ft",), "ft_bce_dice": ("ft", "bce", "dice"), "bce_dice": ("bce", "dice"),
               "ft_ce": ("ft", "ce"), "ce": ("ce",), "dice": ("dice",)}
 BOUNDARY_LOSSES = {"ft": ("ft",), "ft_combo": ("ft", "combo"), "combo": ("combo",),
-                   "ft_bce": ("ft", "bce"), "bce": ("bce",), "bce_dice": ("bce", "dice")}
+                   "ft_bce": ("ft", "bce"), "bce": ("bce",), "bce_dice": ("bce", "dice"),
+                   "mse_msge": ("mse", "msge")}  # for targets.boundary_kind="hv" only
 TISSUE_LOSSES = ("focal", "ce")
 
 
@@ -310,6 +311,54 @@ def weighted_bce_dice(logits: Array, target: Array, mask: Array | None = None,
 
 # ---- Combo (Eq. 12) -------------------------------------------------------------------------
 
+# ---- horizontal and vertical maps (not the paper; HoVer-Net, Graham et al. 2019, §3.3) --------
+
+def _sobel_kernels(size: int = 5) -> tuple[list, list]:
+    """HoVer-Net's gradient kernels: k_h[i][j] = x / (x^2 + y^2) (x the column offset, y the row
+    offset, from -(size//2) to size//2), k_v the same with y; 0 at the centre."""
+    r = range(-(size // 2), size // 2 + 1)
+    kh = [[x / (x * x + y * y) if (x or y) else 0.0 for x in r] for y in r]
+    kv = [[y / (x * x + y * y) if (x or y) else 0.0 for x in r] for y in r]
+    return kh, kv
+
+
+def _correlate(x: Array, kernel: list) -> Array:
+    """(B, H, W) correlated with a square kernel, zeros beyond the edge ('same' size)."""
+    k = len(kernel)
+    r = k // 2
+    h, w = x.shape[-2:]
+    xp = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(r, r), (r, r)])
+    out = jnp.zeros_like(x)
+    for i in range(k):
+        for j in range(k):
+            if kernel[i][j]:
+                out = out + kernel[i][j] * xp[..., i:i + h, j:j + w]
+    return out
+
+
+def hv_gradients(hv: Array) -> Array:
+    """(B, H, W, 2) maps -> (B, H, W, 2): the horizontal map's x-gradient and the vertical map's
+    y-gradient by HoVer-Net's 5 x 5 Sobel kernels."""
+    kh, kv = _sobel_kernels(5)
+    return jnp.stack([_correlate(hv[..., 0], kh), _correlate(hv[..., 1], kv)], -1)
+
+
+def mse_loss(pred: Array, target: Array, mask: Array | None = None) -> Array:
+    """Mean squared error over valid pixels and every channel. pred, target (B, H, W, K)."""
+    pred, target = _f32(pred), _f32(target)
+    m = jnp.broadcast_to(_pixel_mask(mask, pred), pred.shape)
+    return _div(jnp.sum(m * (pred - target) ** 2), jnp.sum(m))
+
+
+def msge_loss(pred: Array, target: Array, focus: Array) -> Array:
+    """HoVer-Net's mean squared gradient error: the squared difference of ``hv_gradients`` of
+    prediction and target, averaged over the pixels of ``focus`` (B, H, W: valid nucleus
+    pixels) and both channels. pred, target (B, H, W, 2)."""
+    g = hv_gradients(_f32(pred)) - hv_gradients(_f32(target))
+    m = jnp.broadcast_to(_pixel_mask(focus, g), g.shape)
+    return _div(jnp.sum(m * g * g), jnp.sum(m))
+
+
 def combo_loss(logits: Array, target: Array, alpha: float = 0.7, ce_ratio: float = 0.4,
                eps: float = 1e-6, form: str = "paper", mask: Array | None = None,
                activation: str = "auto") -> Array:
@@ -350,10 +399,12 @@ def check_loss_config(cfg_loss: Any) -> None:
 
 
 def _weighted_sum(terms: dict[str, Array], prefix: str, names: tuple[str, ...],
-                  aux_weight: float) -> Array:
-    """FT plus aux_weight times the other terms (Eq. 7 / 11); plain sum without FT."""
+                  aux_weight: float, weights: dict[str, float] | None = None) -> Array:
+    """FT plus aux_weight times the other terms (Eq. 7 / 11); without FT a sum with weight 1
+    or the term's entry in ``weights``."""
     w = aux_weight if "ft" in names else 1.0
-    return sum(terms[f"{prefix}_{n}"] * (1.0 if n == "ft" else w) for n in names)
+    weights = weights or {}
+    return sum(terms[f"{prefix}_{n}"] * (1.0 if n == "ft" else weights.get(n, w)) for n in names)
 
 
 def tsfd_loss(outputs: dict, targets: dict, cfg_loss: Any) -> tuple[Array, dict[str, Array]]:
@@ -366,8 +417,10 @@ def tsfd_loss(outputs: dict, targets: dict, cfg_loss: Any) -> tuple[Array, dict[
     (H, W) (no antialiasing). ``cfg_loss`` is the ``loss`` config (configs/default.py), as a
     ConfigDict or a dict. Returns (total, terms): components (``tissue_focal``/``tissue_ce``,
     ``seg_ft``, ``seg_bce``, ``seg_dice``, ``seg_ce``, ``bdr_ft``, ``bdr_combo``, ``bdr_bce``,
-    ``bdr_dice``, those in use) and the weighted totals ``loss_tissue``, ``loss_seg``,
-    ``loss_boundary`` whose sum is ``total``.
+    ``bdr_dice``, ``bdr_mse``, ``bdr_msge``, those in use) and the weighted totals
+    ``loss_tissue``, ``loss_seg``, ``loss_boundary`` whose sum is ``total``. Not the paper: with
+    ``boundary="mse_msge"`` boundary logits and target are HoVer-Net's two maps (B, h, w, 2) and
+    the boundary loss is mse + ``hv_gradient_weight`` x msge (docs/losses.md).
     """
     c = cfg_loss
     check_loss_config(c)
@@ -428,12 +481,17 @@ def tsfd_loss(outputs: dict, targets: dict, cfg_loss: Any) -> tuple[Array, dict[
     if "dice" in bdr_names:
         terms["bdr_dice"] = dice_loss(bdr, bmap, None, mask, activation="sigmoid",
                                       eps=c["epsilon"])
+    if "mse" in bdr_names:  # HoVer-Net's maps: raw outputs (no activation), as HoVer-Net
+        terms["bdr_mse"] = mse_loss(bdr, bmap, mask)
+    if "msge" in bdr_names:
+        terms["bdr_msge"] = msge_loss(bdr, bmap, mask * (cls > 0))
 
     totals = {}
     if "tissue_logits" in outputs:
         totals["loss_tissue"] = c["w_tissue"] * terms[f"tissue_{c['tissue']}"]
     totals["loss_seg"] = c["w_seg"] * _weighted_sum(terms, "seg", seg_names, c["seg_aux_weight"])
     totals["loss_boundary"] = c["w_boundary"] * _weighted_sum(
-        terms, "bdr", bdr_names, c["boundary_aux_weight"])
+        terms, "bdr", bdr_names, c["boundary_aux_weight"],
+        {"msge": float(c["hv_gradient_weight"])} if "msge" in bdr_names else None)
     total = sum(totals.values())                                 # Eq. 5
     return total, {**terms, **totals}

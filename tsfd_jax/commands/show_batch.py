@@ -108,10 +108,21 @@ def example_cells(inputs: np.ndarray, targets: dict, j: int, palette: np.ndarray
         pixels, rng = grey(inputs[j, ..., c])
         cells.append((f"{name} {rng}", pixels))
     cells.append(("semantic", colorize(np.asarray(targets["cls"][j]), palette)))
-    # Boundary targets are in {0, 1}: white on black, not stretched.
-    b = np.round(np.clip(np.asarray(targets["boundary"][j], np.float64), 0, 1) * 255)
-    cells.append(("boundary", np.repeat(b.astype(np.uint8)[..., None], 3, axis=-1)))
+    b = np.asarray(targets["boundary"][j], np.float64)
+    if b.ndim == 3:  # HoVer-Net's maps in [-1, 1], and the boundary map made of them
+        from tsfd_jax.ops.targets import hv_energy
+        for c, name in enumerate(("horizontal", "vertical")):
+            cells.append((f"{name} map", _unit_grey((b[..., c] + 1) / 2)))
+        cells.append(("boundary (hv energy)", _unit_grey(np.asarray(hv_energy(b[None]))[0])))
+    else:
+        cells.append(("boundary", _unit_grey(b)))
     return cells
+
+
+def _unit_grey(x: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] as grey RGB uint8, not stretched (a target's 0 stays black)."""
+    g = np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+    return np.repeat(g[..., None], 3, axis=-1)
 
 
 # ---- command ---------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ CBB = the same network without the TC head (Table 4). Data flow (docs/model.md):
 
 Outputs (float32 whatever the compute dtype): ``seg_logits`` (B, S/2, S/2, L) with L = number
 of labels including background, ``boundary_logits`` (B, S/2, S/2, 1) ((B, S, S, ...) with the
-input skip), and ``tissue_logits``
+input skip; 2 channels, HoVer-Net's maps, with ``targets.boundary_kind="hv"``), and ``tissue_logits``
 (B, T) for FDB only. The network takes inputs already divided by 255 (Keras' EfficientNet
 rescales inside; its Normalization layer is never adapted in TSFD, docs/model.md).
 """
@@ -32,7 +32,8 @@ from tsfd_jax.models.efficientnet import (DEFAULT_TAPS, EfficientNet, efficientn
                                           stage_end_taps)
 from tsfd_jax.models.layers import DEPTHWISE_IMPLS, Layers
 from tsfd_jax.models.unet import UNet
-from tsfd_jax.ops.preprocess import input_channels
+from tsfd_jax.ops.preprocess import check_boundary_kind, input_channels
+from tsfd_jax.ops.targets import BOUNDARY_CHANNELS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ARCHS = ("tsfd", "unet")  # model.arch: the paper's network, or the reference UNet (unet.py)
@@ -74,6 +75,7 @@ class TSFDNet(nn.Module):
     classifier_dropout: float = 0.3
     stem_skip: int = 0                # channels of SkipRefine from the stem; 0 = the paper
     input_skip: int = 0               # channels of SkipRefine from the input; 0 = the paper
+    boundary_channels: int = 1        # 2 for HoVer-Net's maps (targets.boundary_kind="hv")
     layers: Layers = Layers()         # compute dtype, BatchNorm, depthwise lowering
 
     @nn.compact
@@ -92,14 +94,15 @@ class TSFDNet(nn.Module):
                                        self.seg_third_term, layers, name="decoders")(p, train)
         out = {
             "seg_logits": UpsamplingBlock(self.num_labels, layers, name="seg_head")(seg),
-            "boundary_logits": UpsamplingBlock(1, layers, name="boundary_head")(bdr),
+            "boundary_logits": UpsamplingBlock(self.boundary_channels, layers,
+                                               name="boundary_head")(bdr),
         }
         if self.stem_skip:
             stem = feats["stem"]
             out["seg_logits"] += SkipRefine(self.num_labels, self.stem_skip, layers,
                                             name="seg_skip")(seg, stem, train)
-            out["boundary_logits"] += SkipRefine(1, self.stem_skip, layers,
-                                                 name="boundary_skip")(bdr, stem, train)
+            out["boundary_logits"] += SkipRefine(self.boundary_channels, self.stem_skip,
+                                                 layers, name="boundary_skip")(bdr, stem, train)
         if self.input_skip:
             # Logits at the input resolution: the bilinear x2 of the heads plus a correction
             # from features of the input itself (docs/model.md, item 10).
@@ -110,7 +113,8 @@ class TSFDNet(nn.Module):
             out["seg_logits"] = resize_to(out["seg_logits"], full) + SkipRefine(
                 self.num_labels, self.input_skip, layers, name="seg_input_skip")(seg, f, train)
             out["boundary_logits"] = resize_to(out["boundary_logits"], full) + SkipRefine(
-                1, self.input_skip, layers, name="boundary_input_skip")(bdr, f, train)
+                self.boundary_channels, self.input_skip, layers,
+                name="boundary_input_skip")(bdr, f, train)
         if self.tissue_head:
             # TC on the gated P7 (docs/model.md); the softmax lives in the loss.
             v = jnp.mean(gated_top.astype(jnp.float32), axis=(1, 2))
@@ -144,9 +148,11 @@ def build_model(cfg) -> nn.Module:
     arch = str(m.arch)
     if arch not in ARCHS:
         raise ValueError(f"model.arch must be one of {ARCHS}, got {arch!r}")
+    boundary_channels = BOUNDARY_CHANNELS[check_boundary_kind(cfg)]
     if arch == "unet":
         return UNet(features=tuple(int(f) for f in m.unet_features),
-                    num_labels=len(cfg.data.label_names), layers=model_layers(cfg))
+                    num_labels=len(cfg.data.label_names), boundary_channels=boundary_channels,
+                    layers=model_layers(cfg))
     width, depth = backbone_scaling(cfg)
     taps = tuple(m.taps)
     if not taps or taps == DEFAULT_TAPS:
@@ -164,7 +170,7 @@ def build_model(cfg) -> nn.Module:
         num_labels=len(cfg.data.label_names), num_tissues=num_tissues,
         tissue_head=bool(m.tissue_head), classifier_dropout=float(m.classifier_dropout),
         stem_skip=int(m.stem_skip), input_skip=int(m.get("input_skip", 0)),
-        layers=model_layers(cfg))
+        boundary_channels=boundary_channels, layers=model_layers(cfg))
 
 
 def model_layers(cfg) -> Layers:

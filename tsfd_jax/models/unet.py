@@ -37,6 +37,7 @@ class UNet(nn.Module):
 
     features: tuple[int, ...] = (16, 32, 64)
     num_labels: int = 6
+    boundary_channels: int = 1        # 2 for HoVer-Net's maps (targets.boundary_kind="hv")
     layers: Layers = Layers()
 
     @nn.compact
@@ -54,5 +55,6 @@ class UNet(nn.Module):
             x = jnp.concatenate([x, skips[i]], axis=-1)
             x = ConvBlock(f, self.layers, name=f"dec{i}")(x, train)
         out = {"seg_logits": self.layers.conv(self.num_labels, 1, name="seg_head")(x),
-               "boundary_logits": self.layers.conv(1, 1, name="boundary_head")(x)}
+               "boundary_logits": self.layers.conv(self.boundary_channels, 1,
+                                                    name="boundary_head")(x)}
         return {k: v.astype(jnp.float32) for k, v in out.items()}

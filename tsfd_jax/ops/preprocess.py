@@ -21,10 +21,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from tsfd_jax.errors import UserError
 from tsfd_jax.ops.augment import augment_example
 from tsfd_jax.ops.resize import resize_bilinear, resize_nearest
 from tsfd_jax.ops.stain import MATRICES, SCALINGS, stain_channels
-from tsfd_jax.ops.targets import boundary_target, contacts, distance_target
+from tsfd_jax.ops.targets import (BOUNDARY_CHANNELS, boundary_target, contacts, distance_target,
+                                  hv_target)
 
 CHANNEL_SETS = {"rgb": 3, "rgb_he": 5, "rgb_her": 6}  # PAPER Table 5's input variants
 
@@ -94,9 +96,24 @@ def at_label_size(cfg, label_size: int):
     return out
 
 
-# What the boundary channel is trained to hold (ops/targets.py): the paper's contours, or
-# 1 - the normalised distance to each nucleus' edge (docs/learning.md §12).
-BOUNDARY_KINDS = ("contour", "distance")
+# What the boundary channel is trained to hold (ops/targets.py): the paper's contours,
+# 1 - the normalised distance to each nucleus' edge (docs/learning.md §12), or HoVer-Net's
+# horizontal and vertical maps (two channels, §14).
+BOUNDARY_KINDS = tuple(BOUNDARY_CHANNELS)
+# The regression target of "hv" has its own loss, which fits no other target.
+HV_LOSS = "mse_msge"
+
+
+def check_boundary_kind(cfg) -> str:
+    """``targets.boundary_kind`` of a config, checked against the kinds and the boundary loss."""
+    kind = str(cfg.targets.get("boundary_kind", "contour"))
+    if kind not in BOUNDARY_KINDS:
+        raise UserError(f"unknown targets.boundary_kind {kind!r}; expected one of {BOUNDARY_KINDS}")
+    if (kind == "hv") != (str(cfg.loss.boundary) == HV_LOSS):
+        raise UserError(f"targets.boundary_kind={kind!r} with loss.boundary="
+                         f"{cfg.loss.boundary!r}: the 'hv' maps are trained with loss.boundary="
+                         f"{HV_LOSS!r}, and that loss fits no other target")
+    return kind
 
 
 def model_inputs(images: jax.Array, cfg) -> jax.Array:
@@ -115,8 +132,8 @@ def make_preprocess_fn(cfg) -> Callable[[dict, jax.Array, bool], tuple[jax.Array
 
     batch: image uint8 (B, H, W, 3), inst int (B, H, W), cls int (B, H, W), tissue int32 (B,),
     valid bool (B,). Returns inputs float32 (B, S, S, n_ch) and targets
-    {cls int32 (B, H, W), boundary float32 (B, H, W), tissue int32 (B,), weight float32
-    (B, H, W)}, and contact float32 (B, H, W) (``contacts``) when ``loss.contact_weight`` > 0.
+    {cls int32 (B, H, W), boundary float32 (B, H, W) ((B, H, W, 2) for "hv"), tissue int32 (B,),
+    weight float32 (B, H, W)}, and contact float32 (B, H, W) (``contacts``) when ``loss.contact_weight`` > 0.
     Same key -> same output; works with the batch sharded over a mesh axis (AxisType.Auto).
     """
     settings = _input_settings(cfg)
@@ -124,9 +141,7 @@ def make_preprocess_fn(cfg) -> Callable[[dict, jax.Array, bool], tuple[jax.Array
     augment_on = bool(augment_cfg.get("enabled", False))
     frame_width = int(cfg.targets.frame_width)
     dilation = int(cfg.targets.get("boundary_dilation", 0))
-    kind = str(cfg.targets.get("boundary_kind", "contour"))
-    if kind not in BOUNDARY_KINDS:
-        raise ValueError(f"unknown targets.boundary_kind {kind!r}; expected one of {BOUNDARY_KINDS}")
+    kind = check_boundary_kind(cfg)
     # The contact map is only a loss weight; skip it when that weight is off.
     with_contact = float(cfg.loss.get("contact_weight", 0.0)) > 0
 
@@ -148,6 +163,8 @@ def make_preprocess_fn(cfg) -> Callable[[dict, jax.Array, bool], tuple[jax.Array
 
         if kind == "distance":
             boundary = distance_target(inst)
+        elif kind == "hv":
+            boundary = hv_target(inst)
         else:
             boundary = boundary_target(inst, cls, content, frame_width, dilation)
         inputs = _network_inputs(image, content, train, **settings)

@@ -13,6 +13,10 @@
   1 - (distance to the nucleus' edge / the nucleus' largest such distance) instead of contours,
   StarDist's object probability turned upside down (docs/learning.md §12): 1 on background and
   at every nucleus' rim, 0 at its centre, so every nucleus has a core whatever its size.
+- Not the paper, ``targets.boundary_kind = "hv"``: two channels, HoVer-Net's horizontal and
+  vertical maps (Graham et al., Medical Image Analysis 58, 2019, §3.2): every nucleus pixel's
+  offset from its nucleus' centre of mass, scaled per nucleus and side to [-1, 1]; 0 on
+  background. ``hv_energy`` turns such maps into a boundary map (docs/learning.md §14).
 
 All functions take one example (H, W) or a batch (..., H, W) and run under jit/vmap.
 """
@@ -21,6 +25,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+# ``targets.boundary_kind`` -> channels of the boundary target and of the boundary head.
+BOUNDARY_CHANNELS = {"contour": 1, "distance": 1, "hv": 2}
 
 
 def semantic_onehot(cls: jax.Array, num_classes: int) -> jax.Array:
@@ -160,3 +167,55 @@ def distance_target(inst: jax.Array) -> jax.Array:
     dist, peak = inner_distance(inst)
     frac = dist.astype(jnp.float32) / jnp.maximum(peak, 1).astype(jnp.float32)
     return jnp.where(inst > 0, 1.0 - frac, 1.0).astype(jnp.float32)
+
+
+def hv_target(inst: jax.Array) -> jax.Array:
+    """(..., H, W) labels -> (..., H, W, 2) float32 horizontal and vertical maps (HoVer-Net).
+
+    Channel 0: (column - the nucleus' centre column), divided by the largest such distance on
+    the same side of the centre within the nucleus, so it runs from -1 at the nucleus' left
+    extreme to +1 at its right; channel 1 the same for rows (top -1, bottom +1). Background 0.
+    The centre is the mean of the nucleus' pixels in the given map (a nucleus cut by the image
+    edge is centred on its visible part, as HoVer-Net does on its patches).
+    """
+    inst = inst.astype(jnp.int32)
+    lead, (h, w) = inst.shape[:-2], inst.shape[-2:]
+    flat = inst.reshape((-1, h * w))
+    rows = jnp.broadcast_to(jnp.arange(h, dtype=jnp.float32)[:, None], (h, w)).reshape(-1)
+    cols = jnp.broadcast_to(jnp.arange(w, dtype=jnp.float32)[None, :], (h, w)).reshape(-1)
+
+    def one(labels: jax.Array) -> jax.Array:
+        # Ids are arbitrary ints: make them 0..K-1 (K <= H*W, so no id is lost).
+        _, seg = jnp.unique(labels, size=h * w, fill_value=-1, return_inverse=True)
+        seg = seg.reshape(-1)
+        count = jnp.maximum(jax.ops.segment_sum(jnp.ones_like(rows), seg, h * w), 1.0)
+        maps = []
+        for coord in (cols, rows):
+            centre = jax.ops.segment_sum(coord, seg, h * w) / count
+            d = coord - centre[seg]
+            pos = jax.ops.segment_max(d, seg, h * w)[seg]
+            neg = -jax.ops.segment_min(d, seg, h * w)[seg]
+            scaled = jnp.where(d > 0, d / jnp.maximum(pos, 1e-6),
+                               jnp.where(d < 0, d / jnp.maximum(neg, 1e-6), 0.0))
+            maps.append(jnp.where(labels > 0, scaled, 0.0))
+        return jnp.stack(maps, -1)
+
+    return jax.vmap(one)(flat).reshape(lead + (h, w, 2)).astype(jnp.float32)
+
+
+def hv_energy(hv: jax.Array) -> jax.Array:
+    """(..., H, W, 2) horizontal and vertical maps -> (..., H, W) float32 in [0, 1], high where
+    the maps fall: between touching nuclei (one nucleus' +1 meets the next one's -1) and at
+    every nucleus' rim. Inside a nucleus the maps rise (offsets grow away from the centre), so
+    the energy is 0 there.
+
+    ``max(-dh/dx, -dv/dy)`` by central differences (per pixel of the map), clipped to [0, 1]:
+    HoVer-Net's Sobel step (its §3.3) with a fixed scale instead of its per-image min-max
+    normalisation, so that a tile's energy does not depend on what else the tile holds. A fall
+    of 2 over 2 px (a sharp split) gives 1.
+    """
+    hv = hv.astype(jnp.float32)
+    h, v = hv[..., 0], hv[..., 1]
+    fall_x = (_shift(h, 0, -1) - _shift(h, 0, 1)) / 2.0
+    fall_y = (_shift(v, -1, 0) - _shift(v, 1, 0)) / 2.0
+    return jnp.clip(jnp.maximum(fall_x, fall_y), 0.0, 1.0)
