@@ -169,6 +169,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     e.match_iou = 0.5
     e.detection_radius = 12.0
     e.tune_max_images = 0         # evaluate --tune: first N validation images searched (0 = all)
+    e.tune_methods = ("paper", "markers")  # evaluate --tune: post-processing methods searched
 
     if arg:
         _apply_variant(c, arg)

@@ -92,6 +92,9 @@ def get_config(arg: str | None = None):
     c.checkpoint_every_steps = 650
     c.eval_max_images = 16           # whole 256-px patches of the validation fold
     c.eval.tune_max_images = 32
+    # The marker watershed won the tuning of the demo runs of docs/learning.md §10-13;
+    # searching the paper's method as well cost a third of the demo's tuning time.
+    c.eval.tune_methods = ("markers",)
     c.keep_checkpoints = 1
 
     # Synthetic data of the demo (written by the demo command): PanNuke's format and size.

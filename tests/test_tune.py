@@ -133,3 +133,22 @@ def test_a_broken_tuned_file_is_a_one_line_error(tmp_path, text):
     wd = _workdir(tmp_path, text)
     with pytest.raises(UserError, match=TUNED_FILE):
         load_run_config(wd)
+
+
+def test_tuned_methods_come_from_the_config_and_old_runs_search_both(tmp_path):
+    from tsfd_jax.evaluate_run import tune_workdir
+    from tsfd_jax.postprocess import METHODS
+    from tsfd_jax.tune import tuned_methods
+
+    cfg = default.get_config().to_dict()
+    del cfg["eval"]["tune_methods"]               # a run trained before the setting existed
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert tuned_methods(load_run_config(tmp_path)) == METHODS
+    with pytest.raises(UserError, match="tune_methods"):  # before any checkpoint is read
+        tune_workdir(tmp_path, overrides=["--config.eval.tune_methods=('magic',)"])
+
+
+def test_search_of_one_method_only_returns_that_method():
+    cfg = default.get_config()
+    best, _, _ = search(cfg, _uncertain_predictions(3), "mPQ", methods=("paper",))
+    assert best.method == "paper"

@@ -18,11 +18,11 @@ from tsfd_jax.data.resolve import eval_source, load_eval_split
 from tsfd_jax.errors import UserError
 from tsfd_jax.evaluate import evaluate_source
 from tsfd_jax.evaluate_images import evaluate_folder, write_folder_report
-from tsfd_jax.postprocess import PostprocessParams
+from tsfd_jax.postprocess import METHODS, PostprocessParams
 from tsfd_jax.predict import make_predict_fn
 from tsfd_jax.report import write_report
 from tsfd_jax.tune import (collect, default_workers, load_tuned, save_tuned, search,
-                           tuned_metric)
+                           tuned_methods, tuned_metric)
 
 
 # Fields added to the config after runs were trained, with the value that reproduces what those
@@ -30,7 +30,8 @@ from tsfd_jax.tune import (collect, default_workers, load_tuned, save_tuned, sea
 ADDED_FIELDS = {("model", "depthwise_impl"): "auto", ("model", "arch"): "tsfd",
                 ("model", "unet_features"): (16, 32, 64), ("optim", "name"): "sgd",
                 ("model", "stem_skip"): 0, ("targets", "boundary_dilation"): 0,
-                ("model", "input_skip"): 0, ("targets", "boundary_kind"): "contour"}
+                ("model", "input_skip"): 0, ("targets", "boundary_kind"): "contour",
+                ("loss", "hv_gradient_weight"): 2.0, ("eval", "tune_methods"): METHODS}
 
 
 def load_run_config(workdir: Path, tuned: bool = True) -> ml_collections.ConfigDict:
@@ -61,13 +62,14 @@ def tune_workdir(workdir: str | Path, checkpoint: str = "last", max_images: int 
     workdir = Path(workdir)
     cfg = load_run_config(workdir, tuned=False)
     apply_eval_overrides(cfg, overrides)
+    methods = tuned_methods(cfg)
     variables, step = restore_variables(workdir, checkpoint)
     cfg, source = load_eval_split(cfg, workdir, "val")
     max_images = max_images or int(cfg.eval.get("tune_max_images", 0)) or None
     workers = default_workers() if workers is None else workers
     data = collect(cfg, variables, source, max_images)
     metric = tuned_metric(cfg)
-    best, tuned, untuned = search(cfg, data, metric, workers)
+    best, tuned, untuned = search(cfg, data, metric, workers, methods)
     result = {"postprocess": asdict(best), "metric": metric,
               "split": str(cfg.data.val_split), "images": int(len(data["seg"])),
               "checkpoint_step": step, "untuned": untuned, "tuned": tuned}

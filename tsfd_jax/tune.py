@@ -52,6 +52,15 @@ def tuned_metric(cfg) -> str:
     return name if name in ("mPQ", "bPQ") else "mPQ"
 
 
+def tuned_methods(cfg) -> tuple[str, ...]:
+    """The post-processing methods searched (``eval.tune_methods``), checked."""
+    methods = tuple(cfg.eval.tune_methods)
+    if not methods or any(m not in METHODS for m in methods):
+        raise UserError(f"eval.tune_methods: {list(methods)} must name some of "
+                        f"{', '.join(METHODS)}")
+    return methods
+
+
 def collect(cfg, variables: dict, source, max_images: int | None = None) -> dict:
     """Probabilities, PanNuke-layout truth and tissue of every image of ``source``."""
     seg, bdr, truth, tissue = [], [], [], []
