@@ -90,6 +90,19 @@ def test_evaluation_without_tissue_labels_averages_over_images():
     assert report["pq"]["tissue_images"] == {"all": 6}
 
 
+def test_configs_that_differ_only_in_post_processing_share_one_eval_step():
+    from configs import tiny
+    from tsfd_jax import parallel
+    from tsfd_jax.evaluate import make_eval_fn
+
+    mesh = parallel.make_mesh(("data",))
+    a, b, c = tiny.get_config(), tiny.get_config(), tiny.get_config()
+    b.postprocess.method, b.postprocess.seg_threshold = "markers", 0.3  # host-side only
+    c.loss.w_boundary = 2.0                                            # in the device step
+    assert make_eval_fn(a, mesh) is make_eval_fn(b, mesh)
+    assert make_eval_fn(a, mesh) is not make_eval_fn(c, mesh)
+
+
 def test_a_run_config_without_newer_model_fields_loads(tmp_path):
     cfg = default.get_config().to_dict()
     del cfg["model"]["depthwise_impl"]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -374,6 +375,26 @@ def tiny_model(tiny_workdir):
     variables, step = restore_variables(tiny_workdir, "best")
     assert step == 3 and set(variables) == {"params", "batch_stats"}
     return cfg, P.make_predict_fn(cfg, variables, tile=64)
+
+
+def test_a_checkpoint_is_read_once_until_it_is_saved_again(tiny_workdir, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    from tsfd_jax.checkpoints import restore_variables
+
+    first, step = restore_variables(tiny_workdir, "best")
+    reads = []
+    real = ocp.CheckpointManager.restore
+    monkeypatch.setattr(ocp.CheckpointManager, "restore",
+                        lambda self, *a, **k: reads.append(1) or real(self, *a, **k))
+    again, _ = restore_variables(tiny_workdir, "best")
+    assert reads == [] and again is not first
+    jax.tree.map(np.testing.assert_array_equal, again, first)
+    folder = tiny_workdir / "checkpoints" / str(step)  # saved again: a new folder, a new mtime
+    st = folder.stat()
+    os.utime(folder, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    restore_variables(tiny_workdir, "best")
+    assert reads == [1]
 
 
 def test_make_predict_fn_contract(tiny_model):

@@ -125,6 +125,19 @@ def resolve_step(manager: ocp.CheckpointManager, which: str | int) -> int:
     return step
 
 
+# The variables restored last, by (checkpoint folder, step, the step folder's mtime): evaluating,
+# tuning and evaluating again in one process (the demo) reads the checkpoint once. A step saved
+# again gets a new folder, hence a new key.
+_last_restored: dict[tuple, dict] = {}
+
+
+def _restored_key(ckpt: Path, step: int) -> tuple | None:
+    try:
+        return (str(ckpt.absolute()), step, (ckpt / str(step)).stat().st_mtime_ns)
+    except OSError:
+        return None
+
+
 def restore_variables(workdir: Path, which: str | int = "best") -> tuple[dict, int]:
     """Model variables (params, batch_stats) of a finished or running workdir, for evaluation."""
     ckpt = workdir / "checkpoints"
@@ -133,9 +146,16 @@ def restore_variables(workdir: Path, which: str | int = "best") -> tuple[dict, i
     manager = ocp.CheckpointManager(ckpt.absolute(), item_names=("state", "data_iter"))
     try:
         step = resolve_step(manager, which)
+        key = _restored_key(ckpt, step)
+        if key is not None and key in _last_restored:
+            return dict(_last_restored[key]), step
         # BestN metrics live in the manager; reading only the state needs no grain handler.
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     finally:
         manager.close()
     state = restored["state"]
-    return {"params": state["params"], "batch_stats": state["batch_stats"]}, step
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    _last_restored.clear()
+    if key is not None:
+        _last_restored[key] = variables
+    return dict(variables), step

@@ -7,6 +7,7 @@ masks, detection/classification F1 the HoVer-Net protocol, plus tissue accuracy 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import deque
@@ -64,12 +65,27 @@ def gather_host_batch(batch: dict) -> dict:
     return out
 
 
+# Jitted eval steps by (config without its post-processing, mesh): the untuned and tuned
+# evaluations and the tuning of one run differ only in post-processing, which runs on the host,
+# so they share one step and trace it once. A few entries: one per config a process evaluates.
+_eval_fns: dict[tuple, Any] = {}
+EVAL_FN_CACHE_SIZE = 4
+
+
 def make_eval_fn(cfg, mesh):
     """The jitted eval step of ``cfg`` over ``mesh``: build it once per run and pass it to every
-    ``evaluate_source`` / ``predict_batches`` call, so validation compiles once."""
-    repl = parallel.replicated(mesh)
-    return jax.jit(make_eval_step(cfg, build_model(cfg), make_preprocess_fn(cfg)),
-                   in_shardings=(repl, parallel.batch_sharded(mesh)), out_shardings=repl)
+    ``evaluate_source`` / ``predict_batches`` call, so validation compiles once. Calls with
+    configs that differ only in ``postprocess`` get the same function."""
+    device_cfg = {k: v for k, v in cfg.to_dict().items() if k != "postprocess"}
+    key = (json.dumps(device_cfg, sort_keys=True, default=repr), mesh)
+    if key not in _eval_fns:
+        if len(_eval_fns) >= EVAL_FN_CACHE_SIZE:
+            _eval_fns.pop(next(iter(_eval_fns)))
+        repl = parallel.replicated(mesh)
+        _eval_fns[key] = jax.jit(make_eval_step(cfg, build_model(cfg), make_preprocess_fn(cfg)),
+                                 in_shardings=(repl, parallel.batch_sharded(mesh)),
+                                 out_shardings=repl)
+    return _eval_fns[key]
 
 
 def predict_batches(cfg, variables: dict, source, *, mesh=None, max_images: int | None = None,
