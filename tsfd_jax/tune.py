@@ -25,7 +25,7 @@ from tsfd_jax.errors import UserError
 from tsfd_jax.data.pannuke import to_pannuke_masks
 from tsfd_jax.evaluate import predict_batches
 from tsfd_jax.metrics.pq import pannuke_pq
-from tsfd_jax.postprocess import METHODS, PostprocessParams, postprocess, to_pannuke_layout
+from tsfd_jax.postprocess import METHODS, PostprocessParams, to_pannuke_layout
 from tsfd_jax.postprocess_workers import make_executor, postprocess_batch, spill_arrays
 
 TUNED_FILE = "postprocess.json"
@@ -91,16 +91,19 @@ def _pq(data: dict, results: list, class_names, tissue_names, match_iou) -> dict
     return {"mPQ": float(pq["mPQ"]), "bPQ": float(pq["bPQ"])}
 
 
+def _score(data: dict, params: PostprocessParams, scoring: tuple, workers: int = 0) -> dict:
+    results = postprocess_batch(data["seg"], data["boundary"], params, workers)
+    return _pq(data, results, *scoring)
+
+
 def score(cfg, data: dict, params: PostprocessParams, workers: int = 0) -> dict:
     """mPQ and bPQ of ``params`` on collected probabilities (the evaluation's averaging)."""
-    results = postprocess_batch(data["seg"], data["boundary"], params, workers)
-    return _pq(data, results, *_scoring(cfg))
+    return _score(data, params, _scoring(cfg), workers)
 
 
 def _score_spilled(folder: str, params: PostprocessParams, scoring: tuple) -> dict:
     data = {k: np.load(os.path.join(folder, f"{k}.npy"), mmap_mode="r") for k in DATA_KEYS}
-    results = [postprocess(s, b, params) for s, b in zip(data["seg"], data["boundary"])]
-    return _pq(data, results, *scoring)
+    return _score(data, params, scoring)
 
 
 class _CandidatePool:

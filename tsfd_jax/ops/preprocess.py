@@ -111,8 +111,8 @@ def check_boundary_kind(cfg) -> str:
         raise UserError(f"unknown targets.boundary_kind {kind!r}; expected one of {BOUNDARY_KINDS}")
     if (kind == "hv") != (str(cfg.loss.boundary) == HV_LOSS):
         raise UserError(f"targets.boundary_kind={kind!r} with loss.boundary="
-                         f"{cfg.loss.boundary!r}: the 'hv' maps are trained with loss.boundary="
-                         f"{HV_LOSS!r}, and that loss fits no other target")
+                        f"{cfg.loss.boundary!r}: the 'hv' maps are trained with loss.boundary="
+                        f"{HV_LOSS!r}, and that loss fits no other target")
     return kind
 
 
@@ -133,7 +133,8 @@ def make_preprocess_fn(cfg) -> Callable[[dict, jax.Array, bool], tuple[jax.Array
     batch: image uint8 (B, H, W, 3), inst int (B, H, W), cls int (B, H, W), tissue int32 (B,),
     valid bool (B,). Returns inputs float32 (B, S, S, n_ch) and targets
     {cls int32 (B, H, W), boundary float32 (B, H, W) ((B, H, W, 2) for "hv"), tissue int32 (B,),
-    weight float32 (B, H, W)}, and contact float32 (B, H, W) (``contacts``) when ``loss.contact_weight`` > 0.
+    weight float32 (B, H, W)}, and contact float32 (B, H, W) (``contacts``) when
+    ``loss.contact_weight`` > 0.
     Same key -> same output; works with the batch sharded over a mesh axis (AxisType.Auto).
     """
     settings = _input_settings(cfg)
