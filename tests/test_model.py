@@ -629,6 +629,50 @@ def test_input_skip_gives_logits_at_the_input_resolution_starting_from_the_bilin
     np.testing.assert_allclose(moved["seg_logits"], out_skip["seg_logits"], atol=1e-6)
 
 
+def test_node_pointwise_adds_a_1x1_conv_to_every_fusion_node():
+    """model.node_pointwise: one (1, 1, C, C) kernel in every fusion node of the BiFPNs and the
+    decoders, nothing else; with those kernels set to the identity the network computes what
+    the paper's does with the same other parameters."""
+    cfg = tiny_cfg()
+    x = jax.random.uniform(jax.random.key(1), input_shape(cfg, 2, 64))
+    plain_model = build_model(cfg)
+    plain = plain_model.init(jax.random.key(0), x, train=False)
+    cfg.model.node_pointwise = True
+    pw_model = build_model(cfg)
+    pw = pw_model.init(jax.random.key(0), x, train=False)
+
+    def paths(tree):
+        return {"/".join(str(getattr(k, "key", k)) for k in path)
+                for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    added = paths(pw["params"]) - paths(plain["params"])
+    assert not paths(plain["params"]) - paths(pw["params"])
+    nodes = {p.rsplit("/", 2)[0] for p in paths(plain["params"]) if p.endswith("/dwconv/kernel")
+             and "/fr_" not in p and ("bifpn_" in p or p.startswith("decoders/"))}
+    assert nodes and added == {f"{n}/pwconv/kernel" for n in nodes}
+    channels = int(cfg.model.gating_channels)
+
+    def identity(path, leaf):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        return jnp.eye(channels)[None, None] if name.endswith("pwconv/kernel") else leaf
+
+    params = jax.tree_util.tree_map_with_path(identity, pw["params"])
+    with_identity = _copy_shared({**pw, "params": params}, plain)
+    out_plain = plain_model.apply(plain, x, train=False)
+    out_id = pw_model.apply(with_identity, x, train=False)
+    for k in out_plain:
+        np.testing.assert_allclose(out_id[k], out_plain[k], rtol=1e-4, atol=1e-5)
+
+
+def _copy_shared(variables: dict, source: dict) -> dict:
+    """``variables`` with every leaf that ``source`` also has taken from ``source``."""
+    flat_src = dict(jax.tree_util.tree_flatten_with_path(source)[0])
+    leaves, _ = jax.tree_util.tree_flatten_with_path(variables)
+    return jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(variables),
+        [flat_src.get(path, leaf) for path, leaf in leaves])
+
+
 @pytest.mark.parametrize("arch", ["tsfd", "unet"])
 def test_hv_targets_give_a_two_channel_boundary_head(arch):
     cfg = tiny_cfg()

@@ -10,7 +10,9 @@ As built (docs/model.md-§1.6, the authors' ``bifpn.py``):
   swish, Dense C sigmoid, He-normal kernels) -> channel-wise product with the post-swish map.
   One per input of every node; the paper describes only the weight vector V (§9.4 item 2).
 - ``FusionNode``: sum of the (reweighed) inputs -> depthwise 3x3 (bias) -> BN -> swish ->
-  channel dropout (inside BiFPNs only). No 1x1 conv: channels mix only in the FR dense layers.
+  channel dropout (inside BiFPNs only). No 1x1 conv: channels mix only in the FR dense layers
+  (``model.node_pointwise`` adds EfficientDet's pointwise conv after the depthwise one; not the
+  paper, docs/model.md item 11).
 - ``BiFPN``: the top-down / bottom-up wiring of §1.6 (10 nodes, 24 FR blocks on 6 levels).
 
 Resizing happens only where two maps differ in size, decided from the actual shapes (P4/P5 and
@@ -107,13 +109,15 @@ class FusionNode(nn.Module):
     """FF node: Conv(sum_k V_k * x_k) of PAPER Eqs. 1-4 (docs/model.md).
 
     Inputs: a list of (B, H, W, C) maps already resized to a common size. Each input gets its own
-    FR block (identity for CFF). Then depthwise 3x3 (bias) -> BN -> swish -> channel dropout.
+    FR block (identity for CFF). Then depthwise 3x3 (bias) [-> 1x1 conv when ``pointwise``]
+    -> BN -> swish -> channel dropout.
     """
 
     reweigh: bool = True
     se_ratio: int = 8
     dropout_rate: float = 0.0
     layers: Layers = Layers()
+    pointwise: bool = False
 
     @nn.compact
     def __call__(self, inputs: Sequence[jax.Array], train: bool) -> jax.Array:
@@ -122,6 +126,9 @@ class FusionNode(nn.Module):
                       for k, x in enumerate(inputs)]
         x = functools.reduce(jnp.add, [jnp.asarray(v, self.layers.dtype) for v in inputs])
         x = self.layers.depthwise(3, kernel_init=glorot_uniform, name="dwconv")(x)
+        if self.pointwise:
+            x = self.layers.conv(x.shape[-1], 1, use_bias=False, kernel_init=glorot_uniform,
+                                 name="pwconv")(x)
         x = nn.silu(self.layers.norm(train, "bn")(x))
         if self.dropout_rate > 0:
             x = channel_dropout(self.dropout_rate, train)(x)
@@ -146,6 +153,7 @@ class BiFPN(nn.Module):
     se_ratio: int = 8
     node_dropout: float = 0.2
     layers: Layers = Layers()
+    node_pointwise: bool = False
 
     @nn.compact
     def __call__(self, feats: Sequence[jax.Array], train: bool) -> list[jax.Array]:
@@ -157,7 +165,7 @@ class BiFPN(nn.Module):
         def node(name: str, xs: list[jax.Array], size: tuple[int, int]) -> jax.Array:
             xs = [resize_to(x, size) for x in xs]
             return FusionNode(self.reweigh, self.se_ratio, self.node_dropout, self.layers,
-                              name=name)(xs, train)
+                              self.node_pointwise, name=name)(xs, train)
 
         size = [x.shape[1:3] for x in p]
         # Top-down path; the top level itself (P7) has no top-down node.

@@ -68,6 +68,7 @@ class TSFDNet(nn.Module):
     feature_reweighing: bool = True   # CWFF; False = CFF ablation
     se_ratio: int = 8
     node_dropout: float = 0.2
+    node_pointwise: bool = False      # 1x1 conv in every fusion node (EfficientDet); not the paper
     seg_third_term: bool = True       # PAPER Eq. 3; False = authors' code
     num_labels: int = 6               # segmentation classes including background
     num_tissues: int = 19
@@ -89,9 +90,10 @@ class TSFDNet(nn.Module):
         gated_top = p[-1]
         for k in range(self.num_bifpn):
             p = BiFPN(self.feature_reweighing, self.se_ratio, self.node_dropout, layers,
-                      name=f"bifpn_{k + 1}")(p, train)
+                      self.node_pointwise, name=f"bifpn_{k + 1}")(p, train)
         seg, bdr = InterlinkedDecoders(self.feature_reweighing, self.se_ratio,
-                                       self.seg_third_term, layers, name="decoders")(p, train)
+                                       self.seg_third_term, layers, self.node_pointwise,
+                                       name="decoders")(p, train)
         out = {
             "seg_logits": UpsamplingBlock(self.num_labels, layers, name="seg_head")(seg),
             "boundary_logits": UpsamplingBlock(self.boundary_channels, layers,
@@ -166,7 +168,8 @@ def build_model(cfg) -> nn.Module:
         taps=taps, gating_channels=int(m.gating_channels),
         gating_dropout=float(m.gating_dropout), num_bifpn=int(m.num_bifpn),
         feature_reweighing=bool(m.feature_reweighing), se_ratio=int(m.se_ratio),
-        node_dropout=float(m.node_dropout), seg_third_term=bool(m.seg_third_term),
+        node_dropout=float(m.node_dropout), node_pointwise=bool(m.node_pointwise),
+        seg_third_term=bool(m.seg_third_term),
         num_labels=len(cfg.data.label_names), num_tissues=num_tissues,
         tissue_head=bool(m.tissue_head), classifier_dropout=float(m.classifier_dropout),
         stem_skip=int(m.stem_skip), input_skip=int(m.get("input_skip", 0)),
