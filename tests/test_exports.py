@@ -218,6 +218,27 @@ def test_pannuke_layout_only_for_256_images(tmp_path):
     assert "pannuke" not in small
 
 
+def test_probability_picture_shows_what_the_network_outputs():
+    """The evaluation's probabilities.png row: image | 1 - p(background) | boundary probability
+    (grey levels of 0..1) | the arg-max class in its colour where the foreground is above 0.5."""
+    from tsfd_jax.report import probability_picture
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    logits = rng.normal(size=(6, 5, len(LABEL_NAMES))) * 3
+    seg = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    bdr = rng.uniform(size=(6, 5))
+    pic = probability_picture(image, seg, bdr, LABEL_NAMES)
+    assert pic.shape == (6, 20, 3) and pic.dtype == np.uint8
+    np.testing.assert_array_equal(pic[:, :5], image)
+    np.testing.assert_allclose(pic[:, 5:10, 0], (1 - seg[..., 0]) * 255, atol=0.5)
+    np.testing.assert_allclose(pic[:, 10:15, 1], bdr * 255, atol=0.5)
+    colors = np.asarray(class_colors(LABEL_NAMES))
+    for y, x in np.ndindex(6, 5):
+        want = colors[seg[y, x, 1:].argmax() + 1] if seg[y, x, 0] < 0.5 else (0, 0, 0)
+        np.testing.assert_array_equal(pic[y, 15 + x], want)
+
+
 def test_tif_maps_and_no_overlay_without_image(pred_and_image, tmp_path):
     pred, _ = pred_and_image
     paths = E.write_outputs(pred, tmp_path, "t", LABEL_NAMES, instance_format="tif")

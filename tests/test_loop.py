@@ -42,6 +42,8 @@ def test_tune_then_evaluate_uses_the_tuned_settings(run):
     assert saved["tuned"][saved["metric"]] >= saved["untuned"][saved["metric"]]
     out = evaluate_workdir(workdir, checkpoint="last", name="t", workers=0)
     assert json.loads((out / "report.json").read_text())["summary"]["images"] == 8
+    for name in ("overlays.png", "probabilities.png"):
+        assert (out / name).stat().st_size > 0, name
 
 
 def test_finished_run_started_again_does_nothing(run):

@@ -205,7 +205,9 @@ def collect(cfg, variables: dict, source, *, mesh=None, max_images: int | None =
             if len(out.examples) < keep_examples:
                 out.examples.append({"image": np.asarray(host["image"][j]),
                                      "true": out.true_masks[k].copy(),
-                                     "pred": out.pred_masks[k].copy()})
+                                     "pred": out.pred_masks[k].copy(),
+                                     "seg_prob": np.array(dev["seg_prob"][j]),
+                                     "boundary_prob": np.array(dev["boundary_prob"][j])})
             flat_p = dev["seg_prob"][j].reshape(-1, num_classes + 1)
             pick = rng.choice(len(flat_p), min(PR_PIXELS_PER_IMAGE, len(flat_p)), replace=False)
             out.pr_scores.append(flat_p[pick])

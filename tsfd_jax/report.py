@@ -122,12 +122,37 @@ def _plots(report: dict, out_dir: Path) -> list[Path]:
         written.append(_savefig(fig, out_dir / "pr_curves.png"))
     if report.get("examples"):
         written.append(_overlay_grid(report["examples"], label_names, out_dir / "overlays.png"))
+        if all("seg_prob" in ex for ex in report["examples"]):
+            written.append(probability_grid(report["examples"], label_names,
+                                            out_dir / "probabilities.png"))
     return written
 
 
 def _savefig(fig, path: Path) -> Path:
     with atomic.writing(path, ".png") as tmp:
         fig.savefig(tmp, dpi=110)
+    return path
+
+
+def probability_picture(image: np.ndarray, seg_prob: np.ndarray, boundary_prob: np.ndarray,
+                        label_names: tuple[str, ...]) -> np.ndarray:
+    """uint8 (H, 4W, 3), what the network outputs before post-processing: the image, the
+    foreground probability 1 - p(background) and the boundary probability (black 0, white 1),
+    and the arg-max nucleus class where the foreground probability is above 0.5."""
+    seg_prob = np.asarray(seg_prob, np.float32)
+    foreground = 1.0 - seg_prob[..., 0]
+    grey = [np.repeat(np.round(np.clip(p, 0, 1) * 255).astype(np.uint8)[..., None], 3, -1)
+            for p in (foreground, np.asarray(boundary_prob, np.float32).reshape(foreground.shape))]
+    colors = np.asarray(class_colors(label_names), np.uint8)
+    classes = np.where(foreground > 0.5, seg_prob[..., 1:].argmax(-1) + 1, 0)
+    return np.concatenate([np.asarray(image[..., :3], np.uint8), *grey, colors[classes]], axis=1)
+
+
+def probability_grid(examples: list[dict], label_names: tuple[str, ...], path: Path) -> Path:
+    """``probability_picture`` of every example, one row each."""
+    rows = [probability_picture(ex["image"], ex["seg_prob"], ex["boundary_prob"], label_names)
+            for ex in examples]
+    atomic.save_png(path, np.concatenate(rows, axis=0))
     return path
 
 
