@@ -16,8 +16,9 @@ CBB = the same network without the TC head (Table 4). Data flow (docs/model.md):
 Outputs (float32 whatever the compute dtype): ``seg_logits`` (B, S/2, S/2, L) with L = number
 of labels including background, ``boundary_logits`` (B, S/2, S/2, 1) ((B, S, S, ...) with the
 input skip; 2 channels, HoVer-Net's maps, with ``targets.boundary_kind="hv"``), and
-``tissue_logits`` (B, T) for FDB only. The network takes inputs already divided by 255 (Keras' EfficientNet
-rescales inside; its Normalization layer is never adapted in TSFD, docs/model.md).
+``tissue_logits`` (B, T) for FDB only. The network takes inputs already divided by 255
+(Keras' EfficientNet rescales inside; its Normalization layer is never adapted in TSFD,
+docs/model.md).
 """
 
 from __future__ import annotations
