@@ -173,7 +173,7 @@ def build_model(cfg) -> nn.Module:
         seg_third_term=bool(m.seg_third_term),
         num_labels=len(cfg.data.label_names), num_tissues=num_tissues,
         tissue_head=bool(m.tissue_head), classifier_dropout=float(m.classifier_dropout),
-        stem_skip=int(m.stem_skip), input_skip=int(m.get("input_skip", 0)),
+        stem_skip=int(m.stem_skip), input_skip=int(m.input_skip),
         boundary_channels=boundary_channels, layers=model_layers(cfg))
 
 
