@@ -53,6 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     i.drop_r_at_inference = False # Table 5 row 4: R channel zeroed at evaluation
     i.stain_matrix = "hed"        # hed (paper Eq. 13-15, skimage rgb2hed) | authors (H, E, HxE)
     i.stain_scaling = "fixed"     # fixed unit-range constants | minmax (authors' per-image)
+    i.rgb_scaling = "fixed"       # fixed: RGB / 255 (paper) | percentile: per image, 1-99.8 %
 
     c.augment = a = ml_collections.ConfigDict()
     a.enabled = True              # Table 4 exp 6 switches this off

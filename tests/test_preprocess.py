@@ -7,7 +7,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs.default import get_config
-from tsfd_jax.ops.preprocess import make_preprocess_fn, model_inputs
+from tsfd_jax.ops.preprocess import (MIN_PERCENTILE_RANGE, PERCENTILES, make_preprocess_fn,
+                                     model_inputs, percentile_range)
 from tsfd_jax.ops.resize import downsample2x, resize_bilinear, resize_nearest, upsample2x
 from tsfd_jax.ops.stain import stain_channels
 from tsfd_jax.errors import UserError
@@ -111,6 +112,55 @@ def test_eval_outputs_for_each_channel_set(batch, channels, n):
     # model_inputs (what evaluation and prediction feed the network) is the same function.
     alone = jax.jit(lambda im: model_inputs(im, cfg))(batch["image"])
     np.testing.assert_array_equal(np.asarray(alone), np.asarray(inputs))
+
+
+def _percentile_reference(image, content=None):
+    """float64 numpy: StarDist's (x - p1) / (p99.8 - p1) per image and channel, over the content
+    pixels, the range widened about its middle to MIN_PERCENTILE_RANGE."""
+    out = []
+    for b in range(image.shape[0]):
+        px = image[b].reshape(-1, 3).astype(np.float64)
+        if content is not None:
+            px = px[content[b].reshape(-1)]
+        lo, hi = np.percentile(px, PERCENTILES, axis=0)
+        pad = np.maximum(MIN_PERCENTILE_RANGE - (hi - lo), 0) / 2
+        out.append((lo - pad, hi + pad))
+    return np.array([o[0] for o in out]), np.array([o[1] for o in out])
+
+
+def test_percentile_rgb_scaling_matches_numpy(batch):
+    rng = np.random.default_rng(3)
+    # A low-contrast image (range 40 grey levels: widened), a normal one, a saturated one.
+    images = np.stack([rng.integers(180, 220, (H, H, 3)), rng.integers(0, 256, (H, H, 3)),
+                       np.clip(rng.normal(128, 90, (H, H, 3)), 0, 255)]).astype(np.uint8)
+    content = np.ones((3, H, H), bool)
+    content[1, :, : H // 2] = False
+    lo, hi = percentile_range(jnp.asarray(images), jnp.asarray(content))
+    ref_lo, ref_hi = _percentile_reference(images, content)
+    np.testing.assert_allclose(np.asarray(lo)[:, 0, 0], ref_lo, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(hi)[:, 0, 0], ref_hi, atol=1e-3)
+    assert np.isclose(np.asarray(hi - lo)[0], MIN_PERCENTILE_RANGE).all()
+
+    cfg = small_config(rgb_scaling="percentile")
+    inputs = np.asarray(jax.jit(lambda im: model_inputs(im, cfg))(images))
+    ref_lo, ref_hi = _percentile_reference(images)
+    rgb = np.asarray(jax.image.resize(images.astype(np.float32), (3, 2 * H, 2 * H, 3), "bilinear"))
+    expected = (rgb - ref_lo[:, None, None]) / (ref_hi - ref_lo)[:, None, None]
+    np.testing.assert_allclose(inputs[..., :3], expected, atol=1e-4)
+    # The stain channels stay those of the unscaled RGB.
+    np.testing.assert_allclose(inputs[..., 3:], np.asarray(stain_channels(rgb, "hed", "fixed")),
+                               atol=1e-5)
+    # Training (augmented, with its content mask) and evaluation share the function.
+    train_inputs, _ = run(cfg, batch, jax.random.key(0), False)
+    np.testing.assert_array_equal(
+        np.asarray(train_inputs), np.asarray(jax.jit(lambda im: model_inputs(im, cfg))(batch["image"])))
+    augmented, _ = run(cfg, batch, jax.random.key(1), True)
+    assert np.isfinite(np.asarray(augmented)).all()
+
+
+def test_unknown_rgb_scaling_is_refused():
+    with pytest.raises(ValueError, match="rgb_scaling"):
+        model_inputs(np.zeros((1, H, H, 3), np.uint8), small_config(rgb_scaling="zscore"))
 
 
 def test_drop_r_at_inference_only(batch):

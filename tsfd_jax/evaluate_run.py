@@ -32,7 +32,7 @@ ADDED_FIELDS = {("model", "depthwise_impl"): "auto", ("model", "arch"): "tsfd",
                 ("model", "stem_skip"): 0, ("targets", "boundary_dilation"): 0,
                 ("model", "input_skip"): 0, ("targets", "boundary_kind"): "contour",
                 ("loss", "hv_gradient_weight"): 2.0, ("eval", "tune_methods"): METHODS,
-                ("model", "node_pointwise"): False}
+                ("model", "node_pointwise"): False, ("input", "rgb_scaling"): "fixed"}
 
 
 def load_run_config(workdir: Path, tuned: bool = True) -> ml_collections.ConfigDict:

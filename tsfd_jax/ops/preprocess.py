@@ -29,6 +29,13 @@ from tsfd_jax.ops.targets import (BOUNDARY_CHANNELS, boundary_target, contacts, 
                                   hv_target)
 
 CHANNEL_SETS = {"rgb": 3, "rgb_he": 5, "rgb_her": 6}  # PAPER Table 5's input variants
+# How the RGB channels are scaled: /255 (the paper) or per image and channel between their
+# 1st and 99.8th percentiles (StarDist's normalisation; not the paper, docs/learning.md §17).
+RGB_NORMALIZATIONS = ("fixed", "percentile")
+PERCENTILES = (1.0, 99.8)
+# A percentile range under this many grey levels is widened to it: an empty (white) tile
+# is stretched at most 255 / 64 = 4x instead of turning its noise into contrast.
+MIN_PERCENTILE_RANGE = 64.0
 
 
 def input_channels(cfg) -> int:
@@ -49,15 +56,41 @@ def _input_settings(cfg) -> dict:
     scaling = str(cfg.input.stain_scaling)
     if scaling not in SCALINGS:
         raise ValueError(f"unknown input.stain_scaling {scaling!r}; expected one of {SCALINGS}")
-    return {"channels": channels, "matrix": matrix, "scaling": scaling,
+    rgb_scaling = str(cfg.input.rgb_scaling)
+    if rgb_scaling not in RGB_NORMALIZATIONS:
+        raise ValueError(f"unknown input.rgb_scaling {rgb_scaling!r}; expected one of "
+                         f"{RGB_NORMALIZATIONS}")
+    return {"channels": channels, "matrix": matrix, "scaling": scaling, "rgb_scaling": rgb_scaling,
             "size": int(cfg.input.size), "drop_r": bool(cfg.input.drop_r_at_inference)}
 
 
+def percentile_range(image: jax.Array, content: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
+    """Per image and channel (lo, hi) of ``image`` (B, H, W, C) at ``PERCENTILES``, over the
+    pixels where ``content`` (B, H, W) is true (all when None); each (B, 1, 1, C), with hi - lo
+    at least ``MIN_PERCENTILE_RANGE`` (widened about the middle)."""
+    x = image.astype(jnp.float32)
+    if content is not None:
+        x = jnp.where(content[..., None] > 0, x, jnp.nan)
+    lo, hi = jnp.nanpercentile(x, jnp.asarray(PERCENTILES), axis=(1, 2), keepdims=True)
+    # An image without content pixels gets the fixed range.
+    lo = jnp.where(jnp.isnan(lo), 0.0, lo)
+    hi = jnp.where(jnp.isnan(hi), 255.0, hi)
+    pad = jnp.maximum(MIN_PERCENTILE_RANGE - (hi - lo), 0.0) / 2
+    return lo - pad, hi + pad
+
+
 def _network_inputs(image: jax.Array, content: jax.Array | None, train: bool, channels: str,
-                    matrix: str, scaling: str, size: int, drop_r: bool) -> jax.Array:
+                    matrix: str, scaling: str, rgb_scaling: str, size: int, drop_r: bool
+                    ) -> jax.Array:
     """Steps 3-5: float RGB (B, H, W, 3) at label size -> inputs (B, S, S, n_ch) float32."""
     rgb = resize_bilinear(image, (size, size))
-    parts = [rgb / 255.0]
+    if rgb_scaling == "percentile":
+        # The range is taken at the label size: the resize is linear, so it maps the same way.
+        lo, hi = percentile_range(image, content)
+        parts = [(rgb - lo) / (hi - lo)]
+    else:
+        parts = [rgb / 255.0]
     if channels != "rgb":
         mask = None if content is None else resize_nearest(content, (size, size))
         stains = stain_channels(rgb, matrix, scaling, mask)
