@@ -31,7 +31,7 @@ from tsfd_jax.ops.targets import (BOUNDARY_CHANNELS, boundary_target, contacts, 
 CHANNEL_SETS = {"rgb": 3, "rgb_he": 5, "rgb_her": 6}  # PAPER Table 5's input variants
 # How the RGB channels are scaled: /255 (the paper) or per image and channel between their
 # 1st and 99.8th percentiles (StarDist's normalisation; not the paper, docs/learning.md §17).
-RGB_NORMALIZATIONS = ("fixed", "percentile")
+RGB_SCALINGS = ("fixed", "percentile")
 PERCENTILES = (1.0, 99.8)
 # A percentile range under this many grey levels is widened to it: an empty (white) tile
 # is stretched at most 255 / 64 = 4x instead of turning its noise into contrast.
@@ -57,9 +57,9 @@ def _input_settings(cfg) -> dict:
     if scaling not in SCALINGS:
         raise ValueError(f"unknown input.stain_scaling {scaling!r}; expected one of {SCALINGS}")
     rgb_scaling = str(cfg.input.rgb_scaling)
-    if rgb_scaling not in RGB_NORMALIZATIONS:
+    if rgb_scaling not in RGB_SCALINGS:
         raise ValueError(f"unknown input.rgb_scaling {rgb_scaling!r}; expected one of "
-                         f"{RGB_NORMALIZATIONS}")
+                         f"{RGB_SCALINGS}")
     return {"channels": channels, "matrix": matrix, "scaling": scaling, "rgb_scaling": rgb_scaling,
             "size": int(cfg.input.size), "drop_r": bool(cfg.input.drop_r_at_inference)}
 
