@@ -172,6 +172,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     e.detection_radius = 12.0
     e.tune_max_images = 0         # evaluate --tune: first N validation images searched (0 = all)
     e.tune_methods = ("paper", "markers")  # evaluate --tune: post-processing methods searched
+    e.tta = "none"                # evaluate and predict: none | flips | dihedral (test-time aug.)
 
     if arg:
         _apply_variant(c, arg)

@@ -15,6 +15,7 @@ per 256 x 256 pixels of image (tiles overlap, so this is the number to compare w
 
   python experiments/bench_predict.py --out bench_predict.json
   python experiments/bench_predict.py --configs demo --demo-size 1024 --out bench_predict.json
+  python experiments/bench_predict.py --configs consep --tta none,flips --host-size 0
 
 Prints a table and writes the numbers plus the machine (CPU count, platform, JAX devices, date).
 """
@@ -127,19 +128,21 @@ def timed_run(name, image, fn, cfg, batch, workers, compile_s=None) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def model_row(config: str, size: int, batch: int, workers: int) -> dict:
+def model_row(config: str, size: int, batch: int, workers: int, tta: str = "none") -> dict:
     import importlib
 
     from tsfd_jax.predict import make_predict_fn
 
     cfg = importlib.import_module(f"configs.{config}").get_config()
+    cfg.eval.tta = tta
     image = mosaic(size)
     fn = make_predict_fn(cfg, random_variables(cfg))
     tile = int(cfg.data.image_size)
     t0 = time.perf_counter()
     fn(np.zeros((batch, tile, tile, 3), np.uint8))
     compile_s = time.perf_counter() - t0
-    return timed_run(config, image, fn, cfg, batch, workers, compile_s)
+    name = config if tta == "none" else f"{config}+{tta}"
+    return timed_run(name, image, fn, cfg, batch, workers, compile_s)
 
 
 def main() -> None:
@@ -152,6 +155,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--full-batch", type=int, default=1, help="batch for the paper model")
     ap.add_argument("--workers", type=int, default=0, help="post-processing processes")
+    ap.add_argument("--tta", default="none",
+                    help="comma-separated test-time augmentations, a model row for each "
+                         "(none, flips, dihedral)")
     ap.add_argument("--out", default="", help="write the numbers to this JSON file")
     args = ap.parse_args()
 
@@ -164,8 +170,9 @@ def main() -> None:
                               args.batch, args.workers))
     for config in [c for c in args.configs.split(",") if c]:
         full = config == "default"
-        rows.append(model_row(config, args.full_size if full else args.demo_size,
-                              args.full_batch if full else args.batch, args.workers))
+        for tta in [t for t in args.tta.split(",") if t]:
+            rows.append(model_row(config, args.full_size if full else args.demo_size,
+                                  args.full_batch if full else args.batch, args.workers, tta))
 
     cols = ("row", "tile", "input", "image_px", "tiles", "nuclei", "batch", "compile_s", "model_s",
             "stitch_s", "other_s", "ms_per_tile", "ms_per_256px", "peak_rss_mb")

@@ -15,19 +15,30 @@ from tests.train_utils import disc_batch
 from tsfd_jax import parallel
 from tsfd_jax.data.pipeline import to_global
 from tsfd_jax.evaluate import make_eval_fn
-from tsfd_jax.forward import boundary_probability, resize_to_labels
+from tsfd_jax.errors import UserError
+from tsfd_jax.forward import boundary_probability, predicted_probabilities, resize_to_labels
 from tsfd_jax.ops.targets import hv_energy
 from tsfd_jax.models.summary import abstract_variables
 from tsfd_jax.models.tsfd import build_model, input_shape
 from tsfd_jax.predict import make_predict_fn
 
 
-@pytest.mark.parametrize("kind", ["contour", "hv"])
-def test_eval_step_and_predict_give_the_same_probabilities(kind):
+def small_unet_config():
+    """The tiny config with the reference UNet at 4-8 channels: a network that compiles in a
+    few seconds for tests of what is around the model (test-time augmentation)."""
+    cfg = tiny.get_config()
+    cfg.model.arch, cfg.model.unet_features = "unet", (4, 8)
+    return cfg
+
+
+@pytest.mark.parametrize("kind,tta,arch", [("contour", "none", "tsfd"), ("hv", "none", "tsfd"),
+                                           ("contour", "dihedral", "unet")])
+def test_eval_step_and_predict_give_the_same_probabilities(kind, tta, arch):
     """The network input runs at twice the label size: both paths resize the logits to the
     labels the same way and end in the same probabilities (for HoVer-Net's maps, the same
-    boundary map made of them)."""
-    cfg = tiny.get_config()
+    boundary map made of them), with test-time augmentation too."""
+    cfg = tiny.get_config() if arch == "tsfd" else small_unet_config()
+    cfg.eval.tta = tta
     if kind == "hv":
         cfg.targets.boundary_kind, cfg.loss.boundary = "hv", "mse_msge"
     assert cfg.input.size == 2 * cfg.data.image_size
@@ -76,3 +87,82 @@ def test_inference_never_imports_training():
             "'optax') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# Each test-time transform of an (B, H, W, ...) array and its inverse, written with numpy.
+def _flip_rows(x):
+    return np.flip(x, 1)
+
+
+def _flip_cols(x):
+    return np.flip(x, 2)
+
+
+def _transpose(x):
+    return np.swapaxes(x, 1, 2)
+
+
+def _identity(x):
+    return x
+
+
+FLIPS = [(_identity, _identity), (_flip_rows, _flip_rows), (_flip_cols, _flip_cols),
+         (lambda x: _flip_cols(_flip_rows(x)), lambda x: _flip_rows(_flip_cols(x)))]
+DIHEDRAL = FLIPS + [(lambda x, f=f: f(_transpose(x)), lambda x, g=g: _transpose(g(x)))
+                    for f, g in FLIPS]
+
+
+@pytest.fixture(scope="module")
+def tiny_net():
+    """A small model as ``probs(images, tta)`` (labels at half the input size), jitted once per
+    input shape and mode, and a non-square batch: transposed passes run at the other shape."""
+    cfg = small_unet_config()
+    model = build_model(cfg)
+    variables = random_variables(abstract_variables(model, input_shape(cfg)), seed=4)
+    jitted = {}
+
+    def probs(x, tta):
+        if tta not in jitted:
+            jitted[tta] = jax.jit(lambda v, x: predicted_probabilities(
+                model, v, x, (x.shape[1] // 2, x.shape[2] // 2), tta))
+        return jax.device_get(jitted[tta](variables, np.ascontiguousarray(x)))
+
+    inputs = np.random.default_rng(2).normal(size=(2, 64, 96, input_shape(cfg)[-1]))
+    return probs, inputs.astype(np.float32)
+
+
+@pytest.mark.parametrize("tta,transforms", [("flips", FLIPS), ("dihedral", DIHEDRAL)])
+def test_tta_is_the_mean_of_the_model_on_the_transformed_images(tiny_net, tta, transforms):
+    probs, inputs = tiny_net
+    want = {}
+    for forward, inverse in transforms:
+        for name, p in probs(forward(inputs), "none").items():
+            p = inverse(p) if name in ("seg_prob", "boundary_prob") else p
+            want[name] = want.get(name, 0) + np.asarray(p, np.float64) / len(transforms)
+    got = probs(inputs, tta)
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].shape == want[name].shape
+        np.testing.assert_allclose(got[name], want[name], atol=2e-5, err_msg=name)
+    single = probs(inputs, "none")
+    assert np.abs(single["boundary_prob"] - want["boundary_prob"]).max() > 1e-3
+
+
+@pytest.mark.parametrize("tta,transforms", [("flips", FLIPS), ("dihedral", DIHEDRAL)])
+def test_tta_prediction_turns_with_the_image(tiny_net, tta, transforms):
+    """Averaged over a group of transforms, the prediction of a transformed image is the
+    transformed prediction: a test of the inverses, not of the model."""
+    probs, inputs = tiny_net
+    base = probs(inputs, tta)
+    for forward, _ in transforms[1:]:
+        got = probs(forward(inputs), tta)
+        for name in ("seg_prob", "boundary_prob"):
+            np.testing.assert_allclose(got[name], forward(base[name]), atol=2e-5, err_msg=name)
+
+
+def test_unknown_tta_is_a_one_line_error():
+    cfg = tiny.get_config()
+    model = build_model(cfg)
+    with pytest.raises(UserError, match="eval.tta='rot90'"):
+        predicted_probabilities(model, {}, np.zeros(input_shape(cfg), np.float32), (32, 32),
+                                "rot90")

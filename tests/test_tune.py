@@ -125,10 +125,20 @@ def test_run_config_uses_the_tuned_settings_unless_asked_not_to(tmp_path):
     assert load_run_config(wd).postprocess.method == "markers"
     assert load_run_config(wd).postprocess.seg_threshold == 0.3
     assert load_run_config(wd, tuned=False).postprocess.method == "paper"
+    assert load_run_config(wd).eval.tta == "none"  # a file from before tta was recorded
+
+
+def test_run_config_takes_the_test_time_augmentation_the_settings_were_tuned_with(tmp_path):
+    params = default.get_config().postprocess.to_dict()
+    wd = _workdir(tmp_path, json.dumps({"postprocess": params, "tta": "flips"}))
+    assert load_run_config(wd).eval.tta == "flips"
+    assert load_run_config(wd, tuned=False).eval.tta == "none"
 
 
 @pytest.mark.parametrize("text", ["{", json.dumps({"other": 1}),
-                                  json.dumps({"postprocess": {"method": "magic"}})])
+                                  json.dumps({"postprocess": {"method": "magic"}}),
+                                  json.dumps({"postprocess": default.get_config().postprocess
+                                              .to_dict(), "tta": "rot90"})])
 def test_a_broken_tuned_file_is_a_one_line_error(tmp_path, text):
     wd = _workdir(tmp_path, text)
     with pytest.raises(UserError, match=TUNED_FILE):

@@ -72,19 +72,22 @@ _eval_fns: dict[tuple, Any] = {}
 EVAL_FN_CACHE_SIZE = 4
 
 
-def make_eval_fn(cfg, mesh):
+def make_eval_fn(cfg, mesh, tta: str | None = None):
     """The jitted eval step of ``cfg`` over ``mesh``: build it once per run and pass it to every
     ``evaluate_source`` / ``predict_batches`` call, so validation compiles once. Calls with
-    configs that differ only in ``postprocess`` get the same function."""
+    configs that differ only in ``postprocess`` get the same function. ``tta``: the test-time
+    augmentation (``forward.TTA_MODES``), by default the config's ``eval.tta``; validation
+    during training passes "none"."""
+    tta = str(cfg.eval.get("tta", "none")) if tta is None else tta
     device_cfg = {k: v for k, v in cfg.to_dict().items() if k != "postprocess"}
-    key = (json.dumps(device_cfg, sort_keys=True, default=repr), mesh)
+    key = (json.dumps(device_cfg, sort_keys=True, default=repr), mesh, tta)
     if key not in _eval_fns:
         if len(_eval_fns) >= EVAL_FN_CACHE_SIZE:
             _eval_fns.pop(next(iter(_eval_fns)))
         repl = parallel.replicated(mesh)
-        _eval_fns[key] = jax.jit(make_eval_step(cfg, build_model(cfg), make_preprocess_fn(cfg)),
-                                 in_shardings=(repl, parallel.batch_sharded(mesh)),
-                                 out_shardings=repl)
+        _eval_fns[key] = jax.jit(
+            make_eval_step(cfg, build_model(cfg), make_preprocess_fn(cfg), tta),
+            in_shardings=(repl, parallel.batch_sharded(mesh)), out_shardings=repl)
     return _eval_fns[key]
 
 

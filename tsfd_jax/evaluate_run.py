@@ -32,7 +32,8 @@ ADDED_FIELDS = {("model", "depthwise_impl"): "auto", ("model", "arch"): "tsfd",
                 ("model", "stem_skip"): 0, ("targets", "boundary_dilation"): 0,
                 ("model", "input_skip"): 0, ("targets", "boundary_kind"): "contour",
                 ("loss", "hv_gradient_weight"): 2.0, ("eval", "tune_methods"): METHODS,
-                ("model", "node_pointwise"): False, ("input", "rgb_scaling"): "fixed"}
+                ("model", "node_pointwise"): False, ("input", "rgb_scaling"): "fixed",
+                ("eval", "tta"): "none"}
 
 
 def load_run_config(workdir: Path, tuned: bool = True) -> ml_collections.ConfigDict:
@@ -48,10 +49,14 @@ def load_run_config(workdir: Path, tuned: bool = True) -> ml_collections.ConfigD
     for (section, key), value in ADDED_FIELDS.items():
         if section in cfg and key not in cfg[section]:
             cfg[section][key] = value
-    params = load_tuned(workdir) if tuned else None
-    if params:
-        for key, value in params.items():
+    record = load_tuned(workdir) if tuned else None
+    if record:
+        for key, value in record["postprocess"].items():
             cfg.postprocess[key] = value
+        # The tuned thresholds belong to the probabilities they were searched on.
+        if "eval" not in cfg:
+            cfg.eval = ml_collections.ConfigDict()
+        cfg.eval.tta = record["tta"]
     return cfg
 
 
@@ -71,7 +76,7 @@ def tune_workdir(workdir: str | Path, checkpoint: str = "last", max_images: int 
     data = collect(cfg, variables, source, max_images)
     metric = tuned_metric(cfg)
     best, tuned, untuned = search(cfg, data, metric, workers, methods)
-    result = {"postprocess": asdict(best), "metric": metric,
+    result = {"postprocess": asdict(best), "tta": str(cfg.eval.tta), "metric": metric,
               "split": str(cfg.data.val_split), "images": int(len(data["seg"])),
               "checkpoint_step": step, "untuned": untuned, "tuned": tuned}
     path = save_tuned(workdir, result)

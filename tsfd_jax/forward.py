@@ -13,12 +13,26 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from tsfd_jax.errors import UserError
 from tsfd_jax.losses import tsfd_loss
 from tsfd_jax.ops.resize import resize_bilinear
 from tsfd_jax.ops.targets import hv_energy
 
 PyTree = Any
 LOGITS = ("seg_logits", "boundary_logits")
+# Test-time augmentation (docs/evaluation.md): the model is run on each transform of the input
+# and the probabilities, mapped back, are averaged. A transform is (transpose, flip rows, flip
+# columns), applied in that order; "flips" keeps the image's shape, "dihedral" adds the
+# transposed four (all eight symmetries of the square).
+TTA_TRANSFORMS = {
+    "none": ((False, False, False),),
+    "flips": ((False, False, False), (False, False, True), (False, True, False),
+              (False, True, True)),
+}
+TTA_TRANSFORMS["dihedral"] = TTA_TRANSFORMS["flips"] + tuple(
+    (True, rows, cols) for _, rows, cols in TTA_TRANSFORMS["flips"])
+TTA_MODES = tuple(TTA_TRANSFORMS)
+SPATIAL_PROBABILITIES = ("seg_prob", "boundary_prob")
 
 
 def resize_to_labels(outputs: dict, size: tuple[int, int]) -> dict:
@@ -60,36 +74,96 @@ def probabilities(outputs: dict) -> dict:
     return probs
 
 
-def foreground_dice(seg_logits: jax.Array, cls: jax.Array, weight: jax.Array) -> jax.Array:
-    """Hard Dice of nucleus-vs-background from the arg-max class, over valid pixels."""
-    pred = (jnp.argmax(seg_logits, -1) > 0).astype(jnp.float32) * weight
+def check_tta(mode: str) -> str:
+    if mode not in TTA_TRANSFORMS:
+        raise UserError(f"eval.tta={mode!r}: expected one of {', '.join(TTA_MODES)}")
+    return mode
+
+
+def _transform(x: jax.Array, t: tuple[bool, bool, bool]) -> jax.Array:
+    """(B, H, W, ...) -> the image transform ``t`` of it (axes 1 and 2)."""
+    transpose, rows, cols = t
+    if transpose:
+        x = jnp.swapaxes(x, 1, 2)
+    if rows:
+        x = jnp.flip(x, 1)
+    if cols:
+        x = jnp.flip(x, 2)
+    return x
+
+
+def _untransform(x: jax.Array, t: tuple[bool, bool, bool]) -> jax.Array:
+    """The inverse of ``_transform(., t)``."""
+    transpose, rows, cols = t
+    if cols:
+        x = jnp.flip(x, 2)
+    if rows:
+        x = jnp.flip(x, 1)
+    if transpose:
+        x = jnp.swapaxes(x, 1, 2)
+    return x
+
+
+def predicted_probabilities(model, variables: dict, inputs: jax.Array, size: tuple[int, int],
+                            tta: str = "none") -> dict:
+    """``probabilities`` of ``model`` on ``inputs`` at the label ``size``, averaged over the
+    test-time transforms of ``tta`` (each mapped back to the image before averaging). The
+    boundary map is averaged after ``boundary_probability``: HoVer-Net's energy is the same
+    field whichever flip or transpose the maps were predicted under."""
+    transforms = TTA_TRANSFORMS[check_tta(tta)]
+    total = None
+    for t in transforms:
+        out_size = (size[1], size[0]) if t[0] else tuple(size)
+        outputs, _ = apply_at_labels(model, variables, _transform(inputs, t), out_size)
+        probs = {k: _untransform(v, t) if k in SPATIAL_PROBABILITIES else v
+                 for k, v in probabilities(outputs).items()}
+        total = probs if total is None else jax.tree.map(jnp.add, total, probs)
+    return jax.tree.map(lambda v: v / len(transforms), total)
+
+
+def foreground_dice(seg_scores: jax.Array, cls: jax.Array, weight: jax.Array) -> jax.Array:
+    """Hard Dice of nucleus-vs-background from the arg-max class of ``seg_scores`` (logits or
+    probabilities), over valid pixels."""
+    pred = (jnp.argmax(seg_scores, -1) > 0).astype(jnp.float32) * weight
     true = (cls > 0).astype(jnp.float32) * weight
     inter = jnp.sum(pred * true)
     return (2 * inter + 1e-6) / (jnp.sum(pred) + jnp.sum(true) + 1e-6)
 
 
-def make_eval_step(cfg, model, preprocess: Callable) -> Callable:
+def make_eval_step(cfg, model, preprocess: Callable, tta: str = "none") -> Callable:
     """``eval_step(variables, batch) -> outputs`` with probabilities, loss terms and Dice.
 
     Per-example losses are not defined for the batch-level losses of the paper, so the loss of an
-    eval batch is returned with its number of valid examples for weighted averaging.
+    eval batch is returned with its number of valid examples for weighted averaging. With ``tta``
+    the probabilities and the Dice are those of the averaged transforms; the loss stays that of
+    the image as it is.
     """
+    check_tta(tta)
+
     def eval_step(variables: dict, batch: dict) -> dict:
         inputs, targets = preprocess(batch, jax.random.key(0), False)
-        outputs, _ = apply_at_labels(model, variables, inputs, targets["cls"].shape[1:3])
+        size = targets["cls"].shape[1:3]
+        outputs, _ = apply_at_labels(model, variables, inputs, size)
         total, _ = tsfd_loss(outputs, targets, cfg.loss)
-        return {**probabilities(outputs), "loss": total,
-                "dice": foreground_dice(outputs["seg_logits"], targets["cls"], targets["weight"]),
+        if tta == "none":
+            probs = probabilities(outputs)
+            dice = foreground_dice(outputs["seg_logits"], targets["cls"], targets["weight"])
+        else:
+            probs = predicted_probabilities(model, variables, inputs, size, tta)
+            dice = foreground_dice(probs["seg_prob"], targets["cls"], targets["weight"])
+        return {**probs, "loss": total, "dice": dice,
                 "num_valid": jnp.sum(batch["valid"].astype(jnp.int32))}
 
     return eval_step
 
 
-def make_tile_forward(model, to_inputs: Callable, tile: int) -> Callable:
-    """Jitted ``forward(variables, images uint8 (B, tile, tile, 3)) -> probabilities``."""
+def make_tile_forward(model, to_inputs: Callable, tile: int, tta: str = "none") -> Callable:
+    """Jitted ``forward(variables, images uint8 (B, tile, tile, 3)) -> probabilities``,
+    averaged over the test-time transforms of ``tta``."""
+    check_tta(tta)
+
     @jax.jit
     def forward(variables: dict, images: jax.Array) -> dict:
-        outputs, _ = apply_at_labels(model, variables, to_inputs(images), (tile, tile))
-        return probabilities(outputs)
+        return predicted_probabilities(model, variables, to_inputs(images), (tile, tile), tta)
 
     return forward

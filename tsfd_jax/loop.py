@@ -117,7 +117,9 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
             if is_eval:
                 if eval_fn is None:  # once per run: validation compiles once
                     val = load_eval_split(cfg, workdir, "val")
-                    eval_fn = make_eval_fn(val[0], mesh)
+                    # Without test-time augmentation: it would multiply the cost of every
+                    # validation; evaluate and predict apply eval.tta.
+                    eval_fn = make_eval_fn(val[0], mesh, tta="none")
                 result = _validate(*val, state, mesh, eval_fn)
                 last_val = result
                 writer.write(step, result)

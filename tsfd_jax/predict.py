@@ -485,14 +485,16 @@ def check_tile(cfg, tile: int | None = None, overlap: int | None = None) -> int:
 
 
 def make_predict_fn(cfg, variables: dict, tile: int | None = None) -> PredictFn:
-    """A jitted ``predict_fn`` for tiles of ``tile`` model pixels (default the label size).
+    """A jitted ``predict_fn`` for tiles of ``tile`` model pixels (default the label size),
+    with the test-time augmentation of ``cfg.eval.tta``.
 
     The network input keeps the trained ratio input.size / image_size (512 / 256 = 2), so a
     different tile size changes the field of view, never the magnification.
     """
     tile = check_tile(cfg, tile)
     tcfg = at_label_size(cfg, tile)
-    forward = make_tile_forward(build_model(tcfg), _inputs_fn(tcfg), tile)
+    tta = str(cfg.eval.get("tta", "none")) if "eval" in cfg else "none"
+    forward = make_tile_forward(build_model(tcfg), _inputs_fn(tcfg), tile, tta)
     device_vars = jax.device_put(variables)
 
     def predict_fn(tiles: np.ndarray) -> dict[str, Any]:

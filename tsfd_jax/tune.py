@@ -24,6 +24,7 @@ from tsfd_jax import atomic
 from tsfd_jax.errors import UserError
 from tsfd_jax.data.pannuke import to_pannuke_masks
 from tsfd_jax.evaluate import predict_batches
+from tsfd_jax.forward import TTA_MODES
 from tsfd_jax.metrics.pq import pannuke_pq
 from tsfd_jax.postprocess import METHODS, PostprocessParams, to_pannuke_layout
 from tsfd_jax.postprocess_workers import make_executor, postprocess_batch, spill_arrays
@@ -183,13 +184,19 @@ def save_tuned(workdir: Path, result: dict) -> Path:
 
 
 def load_tuned(workdir: str | Path) -> dict[str, Any] | None:
-    """The tuned post-processing settings of a workdir, or None if it was never tuned."""
+    """The tuned settings of a workdir, or None if it was never tuned: ``{"postprocess":
+    {...}, "tta": mode}``, ``tta`` the test-time augmentation the probabilities were tuned
+    under ("none" in files written before it was recorded)."""
     path = Path(workdir) / TUNED_FILE
     if not path.exists():
         return None
     try:
-        params = json.loads(path.read_text())["postprocess"]
+        record = json.loads(path.read_text())
+        params = record["postprocess"]
         PostprocessParams.of(params)
+        tta = str(record.get("tta", "none"))
+        if tta not in TTA_MODES:
+            raise ValueError(f"unknown tta {tta!r}")
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: not a tuned post-processing file ({e})") from None
-    return params
+    return {"postprocess": params, "tta": tta}

@@ -70,6 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "made with other arguments")
     p.add_argument("--untuned", action="store_true",
                    help="the config's post-processing, not the workdir's tuned postprocess.json")
+    p.add_argument("--tta", choices=("none", "flips", "dihedral"), default=None,
+                   help="test-time augmentation: average the model over flipped (flips: 4) or "
+                        "also transposed (dihedral: 8) tiles; default: the one the "
+                        "post-processing was tuned with (eval.tta)")
 
 
 def _select_device(device: str | None) -> None:
@@ -211,6 +215,8 @@ def run(args) -> int:
         for paths in targets.values():
             check_targets(paths.values(), args.overwrite)
     cfg = load_run_config(workdir, tuned=not args.untuned)
+    if args.tta is not None:
+        cfg.eval.tta = args.tta
     check_tile(cfg, args.tile, args.overlap)
     variables, step = restore_variables(workdir, args.checkpoint)
     jobs = [_slide_job(f, args, cfg, workdir, step, out) for f in slide_files]
@@ -219,8 +225,10 @@ def run(args) -> int:
     if files or any(j["status"] != "complete" for j in jobs):
         predict_fn = make_predict_fn(cfg, variables, args.tile)
     share = "" if len(mine) == len(everything) else f" (this share of {len(everything)})"
-    print(f"{workdir}: checkpoint step {step}; {len(files)} image(s), {len(jobs)} slide(s)"
-          f"{share} -> {out}")
+    tta = str(cfg.eval.tta)
+    print(f"{workdir}: checkpoint step {step}"
+          f"{'' if tta == 'none' else f', test-time augmentation {tta}'}; {len(files)} "
+          f"image(s), {len(jobs)} slide(s){share} -> {out}")
     for n, (f, info) in enumerate(zip(files, infos), start=1):
         t0 = time.perf_counter()
         image = read_image(f)
