@@ -26,14 +26,34 @@ import orbax.checkpoint as ocp
 
 from tsfd_jax import atomic
 from tsfd_jax.errors import UserError
+from tsfd_jax.postprocess import METHODS
 
 CONFIG_FILE = "config.json"
 # Workdir entries written by training; --overwrite moves these into archive/<time>/.
 RUN_ENTRIES = ("config.json", "checkpoints", "metrics.jsonl", "tb", "eval", "postprocess.json")
+# Config fields added since runs were first saved, each with the value that does what runs
+# saved before it did: an older workdir's config.json is read with these filled in.
+ADDED_FIELDS = {("model", "depthwise_impl"): "auto", ("model", "arch"): "tsfd",
+                ("model", "unet_features"): (16, 32, 64), ("optim", "name"): "sgd",
+                ("model", "stem_skip"): 0, ("targets", "boundary_dilation"): 0,
+                ("model", "input_skip"): 0, ("targets", "boundary_kind"): "contour",
+                ("loss", "hv_gradient_weight"): 2.0, ("eval", "tune_methods"): METHODS,
+                ("model", "node_pointwise"): False, ("input", "rgb_scaling"): "fixed",
+                ("eval", "tta"): "none"}
 
 
 def config_json(cfg) -> str:
     return cfg.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def saved_config(text: str) -> dict:
+    """A saved config.json as a dict, with the ``ADDED_FIELDS`` it predates filled in (as
+    JSON values: tuples become lists, as in every saved config)."""
+    config = json.loads(text)
+    for (section, key), value in ADDED_FIELDS.items():
+        if isinstance(config.get(section), dict) and key not in config[section]:
+            config[section][key] = json.loads(json.dumps(value))
+    return config
 
 
 def _normalise(text: str) -> Any:
@@ -46,7 +66,8 @@ def check_workdir(workdir: Path, cfg, overwrite: bool = False, resume_anyway: bo
     saved = workdir / CONFIG_FILE
     new = config_json(cfg)
     if saved.exists():
-        same = _normalise(saved.read_text()) == _normalise(new)
+        # A run saved before a field existed ran with the field's old behaviour: the same run.
+        same = saved_config(saved.read_text()) == _normalise(new)
         if not same and overwrite:
             archive = workdir / "archive" / time.strftime("%Y%m%d-%H%M%S")
             if jax.process_index() == 0:
@@ -56,7 +77,7 @@ def check_workdir(workdir: Path, cfg, overwrite: bool = False, resume_anyway: bo
                         os.replace(workdir / name, archive / name)
                 print(f"moved the previous run in {workdir} to {archive}")
         elif not same and not resume_anyway:
-            diff = _config_diff(_normalise(saved.read_text()), _normalise(new))
+            diff = _config_diff(saved_config(saved.read_text()), _normalise(new))
             raise UserError(
                 f"{saved}: this workdir holds a run of another config ({diff}); use another "
                 f"--workdir, --resume-anyway to continue it with the new config, or --overwrite "

@@ -11,44 +11,31 @@ from typing import Sequence
 import jax
 import ml_collections
 
-from tsfd_jax.checkpoints import restore_variables
+from tsfd_jax.checkpoints import restore_variables, saved_config
 from tsfd_jax.config_files import apply_override, split_overrides
 from tsfd_jax.data.folders import is_labelled_folder
 from tsfd_jax.data.resolve import eval_source, load_eval_split
 from tsfd_jax.errors import UserError
 from tsfd_jax.evaluate import evaluate_source
 from tsfd_jax.evaluate_images import evaluate_folder, write_folder_report
-from tsfd_jax.postprocess import METHODS, PostprocessParams
+from tsfd_jax.postprocess import PostprocessParams
 from tsfd_jax.predict import make_predict_fn
 from tsfd_jax.report import write_report
 from tsfd_jax.tune import (collect, default_workers, load_tuned, save_tuned, search,
                            tuned_methods, tuned_metric)
 
 
-# Fields added to the config after runs were trained, with the value that reproduces what those
-# runs computed; a run's config.json without them still loads.
-ADDED_FIELDS = {("model", "depthwise_impl"): "auto", ("model", "arch"): "tsfd",
-                ("model", "unet_features"): (16, 32, 64), ("optim", "name"): "sgd",
-                ("model", "stem_skip"): 0, ("targets", "boundary_dilation"): 0,
-                ("model", "input_skip"): 0, ("targets", "boundary_kind"): "contour",
-                ("loss", "hv_gradient_weight"): 2.0, ("eval", "tune_methods"): METHODS,
-                ("model", "node_pointwise"): False, ("input", "rgb_scaling"): "fixed",
-                ("eval", "tta"): "none"}
-
-
 def load_run_config(workdir: Path, tuned: bool = True) -> ml_collections.ConfigDict:
-    """The config a workdir was trained with; with ``tuned`` its post-processing is the one
-    tuned on validation (``tune_workdir``) where that exists."""
+    """The config a workdir was trained with (fields added since at their old behaviour:
+    ``checkpoints.saved_config``); with ``tuned`` its post-processing is the one tuned on
+    validation (``tune_workdir``) where that exists."""
     path = Path(workdir) / "config.json"
     if not path.exists():
         raise UserError(f"{workdir}: not a training workdir (no config.json)")
     try:
-        cfg = ml_collections.ConfigDict(json.loads(path.read_text()))
+        cfg = ml_collections.ConfigDict(saved_config(path.read_text()))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
-    for (section, key), value in ADDED_FIELDS.items():
-        if section in cfg and key not in cfg[section]:
-            cfg[section][key] = value
     record = load_tuned(workdir) if tuned else None
     if record:
         for key, value in record["postprocess"].items():

@@ -1,0 +1,46 @@
+"""The run a workdir holds: its saved config and what training refuses to mix with it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from configs import tiny
+from tsfd_jax.checkpoints import ADDED_FIELDS, CONFIG_FILE, check_workdir, config_json
+from tsfd_jax.errors import UserError
+
+
+def _saved_before(tmp_path, cfg, *missing):
+    """A workdir whose config.json was written before the ``missing`` (section, key) existed."""
+    saved = json.loads(config_json(cfg))
+    for section, key in missing:
+        del saved[section][key]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(saved))
+    return tmp_path
+
+
+def test_a_run_saved_before_new_fields_resumes_under_their_defaults(tmp_path):
+    cfg = tiny.get_config()
+    for section, key in ADDED_FIELDS:  # the configs keep the old behaviour by default
+        cfg[section][key] = ADDED_FIELDS[(section, key)]
+    wd = _saved_before(tmp_path, cfg, ("eval", "tta"), ("input", "rgb_scaling"))
+    check_workdir(wd, cfg)  # no error: the same run
+    assert json.loads((wd / CONFIG_FILE).read_text())["eval"]["tta"] == "none"
+
+
+def test_a_new_field_away_from_its_old_behaviour_is_another_run(tmp_path):
+    cfg = tiny.get_config()
+    wd = _saved_before(tmp_path, cfg, ("input", "rgb_scaling"))
+    cfg.input.rgb_scaling = "percentile"
+    with pytest.raises(UserError, match=r"input.rgb_scaling: 'fixed' -> 'percentile'"):
+        check_workdir(wd, cfg)
+    check_workdir(wd, cfg, resume_anyway=True)
+
+
+def test_a_changed_setting_is_refused_and_named(tmp_path):
+    cfg = tiny.get_config()
+    wd = _saved_before(tmp_path, cfg)
+    cfg.optim.lr = 2 * float(cfg.optim.lr)
+    with pytest.raises(UserError, match="optim.lr"):
+        check_workdir(wd, cfg)
