@@ -22,7 +22,7 @@ import numpy as np
 from tsfd_jax import atomic, parallel
 from tsfd_jax.data.pannuke import to_pannuke_masks
 from tsfd_jax.data.pipeline import eval_batches, to_global
-from tsfd_jax.forward import make_eval_step
+from tsfd_jax.forward import configured_tta, make_eval_step
 from tsfd_jax.metrics.detection import detection_stats, instances_from_pannuke
 from tsfd_jax.metrics.pq import pannuke_pq
 from tsfd_jax.metrics.tissue import tissue_stats
@@ -78,7 +78,7 @@ def make_eval_fn(cfg, mesh, tta: str | None = None):
     configs that differ only in ``postprocess`` get the same function. ``tta``: the test-time
     augmentation (``forward.TTA_MODES``), by default the config's ``eval.tta``; validation
     during training passes "none"."""
-    tta = str(cfg.eval.get("tta", "none")) if tta is None else tta
+    tta = configured_tta(cfg) if tta is None else tta
     device_cfg = {k: v for k, v in cfg.to_dict().items() if k != "postprocess"}
     key = (json.dumps(device_cfg, sort_keys=True, default=repr), mesh, tta)
     if key not in _eval_fns:

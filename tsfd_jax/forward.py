@@ -24,8 +24,9 @@ LOGITS = ("seg_logits", "boundary_logits")
 # and the probabilities, mapped back, are averaged. A transform is (transpose, flip rows, flip
 # columns), applied in that order; "flips" keeps the image's shape, "dihedral" adds the
 # transposed four (all eight symmetries of the square).
+IDENTITY = (False, False, False)
 TTA_TRANSFORMS = {
-    "none": ((False, False, False),),
+    "none": (IDENTITY,),
     "flips": ((False, False, False), (False, False, True), (False, True, False),
               (False, True, True)),
 }
@@ -80,6 +81,11 @@ def check_tta(mode: str) -> str:
     return mode
 
 
+def configured_tta(cfg) -> str:
+    """The config's ``eval.tta``; "none" for configs without it."""
+    return str(cfg.eval.get("tta", "none")) if "eval" in cfg else "none"
+
+
 def _transform(x: jax.Array, t: tuple[bool, bool, bool]) -> jax.Array:
     """(B, H, W, ...) -> the image transform ``t`` of it (axes 1 and 2)."""
     transpose, rows, cols = t
@@ -105,18 +111,22 @@ def _untransform(x: jax.Array, t: tuple[bool, bool, bool]) -> jax.Array:
 
 
 def predicted_probabilities(model, variables: dict, inputs: jax.Array, size: tuple[int, int],
-                            tta: str = "none") -> dict:
+                            tta: str = "none", outputs: dict | None = None) -> dict:
     """``probabilities`` of ``model`` on ``inputs`` at the label ``size``, averaged over the
     test-time transforms of ``tta`` (each mapped back to the image before averaging). The
     boundary map is averaged after ``boundary_probability``: HoVer-Net's energy is the same
-    field whichever flip or transpose the maps were predicted under."""
+    field whichever flip or transpose the maps were predicted under. ``outputs``: the model's
+    outputs on ``inputs`` as they are, when the caller has them already (not run again)."""
     transforms = TTA_TRANSFORMS[check_tta(tta)]
     total = None
     for t in transforms:
-        out_size = (size[1], size[0]) if t[0] else tuple(size)
-        outputs, _ = apply_at_labels(model, variables, _transform(inputs, t), out_size)
+        if t == IDENTITY and outputs is not None:
+            out = outputs
+        else:
+            out_size = (size[1], size[0]) if t[0] else tuple(size)
+            out, _ = apply_at_labels(model, variables, _transform(inputs, t), out_size)
         probs = {k: _untransform(v, t) if k in SPATIAL_PROBABILITIES else v
-                 for k, v in probabilities(outputs).items()}
+                 for k, v in probabilities(out).items()}
         total = probs if total is None else jax.tree.map(jnp.add, total, probs)
     return jax.tree.map(lambda v: v / len(transforms), total)
 
@@ -145,13 +155,9 @@ def make_eval_step(cfg, model, preprocess: Callable, tta: str = "none") -> Calla
         size = targets["cls"].shape[1:3]
         outputs, _ = apply_at_labels(model, variables, inputs, size)
         total, _ = tsfd_loss(outputs, targets, cfg.loss)
-        if tta == "none":
-            probs = probabilities(outputs)
-            dice = foreground_dice(outputs["seg_logits"], targets["cls"], targets["weight"])
-        else:
-            probs = predicted_probabilities(model, variables, inputs, size, tta)
-            dice = foreground_dice(probs["seg_prob"], targets["cls"], targets["weight"])
-        return {**probs, "loss": total, "dice": dice,
+        probs = predicted_probabilities(model, variables, inputs, size, tta, outputs)
+        return {**probs, "loss": total,
+                "dice": foreground_dice(probs["seg_prob"], targets["cls"], targets["weight"]),
                 "num_valid": jnp.sum(batch["valid"].astype(jnp.int32))}
 
     return eval_step

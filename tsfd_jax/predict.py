@@ -49,7 +49,7 @@ from PIL import Image
 
 from tsfd_jax.constants import PANNUKE_MPP
 from tsfd_jax.errors import UserError
-from tsfd_jax.forward import make_tile_forward
+from tsfd_jax.forward import configured_tta, make_tile_forward
 from tsfd_jax.models.tsfd import build_model
 from tsfd_jax.ops.preprocess import at_label_size, input_size_at, model_inputs
 from tsfd_jax.postprocess_workers import postprocess_stream
@@ -493,8 +493,7 @@ def make_predict_fn(cfg, variables: dict, tile: int | None = None) -> PredictFn:
     """
     tile = check_tile(cfg, tile)
     tcfg = at_label_size(cfg, tile)
-    tta = str(cfg.eval.get("tta", "none")) if "eval" in cfg else "none"
-    forward = make_tile_forward(build_model(tcfg), _inputs_fn(tcfg), tile, tta)
+    forward = make_tile_forward(build_model(tcfg), _inputs_fn(tcfg), tile, configured_tta(cfg))
     device_vars = jax.device_put(variables)
 
     def predict_fn(tiles: np.ndarray) -> dict[str, Any]:
