@@ -22,7 +22,10 @@ separation bands between touching nuclei (``targets.boundary_dilation = 2``): to
 40 minutes (section 16); evaluated and predicted with the four flips of each tile averaged
 (``eval.tta = "flips"``; not in the paper): 0.272 -> 0.300 bPQ and 0.229 -> 0.245 mPQ tuned
 on the same model, 0.304 / 0.185 -> 0.332 / 0.195 untuned on seed 1's held-out images
-(section 18).
+(section 18). Its tuning also searches how far nuclei grow from their cores and from what size
+foreground without a core is kept (``postprocess.max_growth``, ``postprocess.orphan_size``):
+0.300 -> 0.314 bPQ and 0.245 -> 0.251 mPQ on seed 0's model, 0.333 -> 0.365 and 0.196 ->
+0.209 on seed 1's (section 19).
 
   python -m tsfd_jax train --config configs/consep.py --workdir runs/consep \
       --config.data.root ../shared/data/consep/train

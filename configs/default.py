@@ -104,6 +104,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.classifier_dropout = 0.3
     m.stem_skip = 0               # not the paper: stem features into the output heads (channels)
     m.input_skip = 0              # not the paper: logits at the input resolution (channels)
+    m.skip_depth = 1              # 3x3 conv layers of each stem / input skip
     m.bn_momentum = 0.99          # BatchNorm running-average decay (Keras default, §1.1)
     m.dtype = "float32"           # float32 | bfloat16 (compute; params stay float32)
     m.depthwise_impl = "auto"     # auto (shift on CPU, XLA grouped conv elsewhere) | shift | conv
@@ -166,6 +167,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     p.vote = "component"          # Eq. 16 majority per component; "nucleus" = per separated nucleus
     p.method = "paper"            # paper (§4.3) | markers (watershed from boundary-free cores)
     p.split_depth = 0.0           # markers: also split cores at distance peaks this deep (px)
+    p.max_growth = 0.0            # markers: grow cores at most this far (px); 0 = no limit
+    p.orphan_size = 0             # markers: keep foreground no core reached from this size (px)
 
     c.eval = e = ml_collections.ConfigDict()
     e.match_iou = 0.5

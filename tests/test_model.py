@@ -613,6 +613,31 @@ def test_stem_skip_starts_as_the_paper_head_and_learns_from_the_stem():
     np.testing.assert_allclose(moved["boundary_logits"], out_plain["boundary_logits"], atol=1e-6)
 
 
+def test_skip_depth_stacks_conv_layers_in_the_skip_and_starts_at_zero():
+    """model.skip_depth = 2: each SkipRefine gets a second 3x3 conv + BN (``conv_2``,
+    ``bn_2``) on the first's ``channels``; the first layer keeps its names (depth-1 checkpoints
+    keep their keys); the logits still start as the paper heads'."""
+    cfg = tiny_cfg()
+    cfg.model.stem_skip = 8
+    x = jax.random.uniform(jax.random.key(1), input_shape(cfg, 2, 64))
+    shallow = build_model(cfg).init(jax.random.key(0), x, train=False)
+    cfg.model.skip_depth = 2
+    deep_model = build_model(cfg)
+    deep = deep_model.init(jax.random.key(0), x, train=False)
+    for head in ("seg_skip", "boundary_skip"):
+        assert set(deep["params"][head]) - set(shallow["params"][head]) == {"conv_2", "bn_2"}
+        assert deep["params"][head]["conv_2"]["kernel"].shape == (3, 3, 8, 8)
+        assert set(shallow["params"][head]) == {"conv", "bn", "out"}
+    cfg.model.stem_skip = 0
+    plain = build_model(cfg)
+    out_plain = plain.apply(plain.init(jax.random.key(0), x, train=False), x, train=False)
+    out_deep = deep_model.apply(deep, x, train=False)
+    for k in out_plain:
+        np.testing.assert_allclose(out_deep[k], out_plain[k], atol=1e-6)
+    moved = _moved(deep_model, deep, x, "boundary_skip")
+    assert np.abs(moved["boundary_logits"] - out_plain["boundary_logits"]).max() > 1e-3
+
+
 def test_input_skip_gives_logits_at_the_input_resolution_starting_from_the_bilinear_heads():
     """model.input_skip: at initialisation the logits are the paper heads' bilinear x2 (its
     last convs start at zero), at the input resolution; a non-zero last conv makes the input's

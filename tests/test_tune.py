@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -91,6 +92,60 @@ def test_split_depth_keeps_an_elongated_nucleus_whole():
     out = postprocess(seg, np.zeros((size, size), np.float32),
                       PostprocessParams(method="markers", min_size=4, split_depth=1.0))
     assert out.num_instances == 1
+
+
+def test_max_growth_keeps_nuclei_to_their_cores_where_the_foreground_runs_on():
+    # Two nuclei whose boundary rims are predicted, lying in a foreground blob that also covers
+    # the tissue between them (a gland): unlimited, the flood gives that tissue to the nuclei.
+    size = 64
+    yy, xx = np.mgrid[:size, :size]
+    seg = np.zeros((size, size, 3), np.float32)
+    fg = (np.abs(yy - 32) <= 12) & (np.abs(xx - 32) <= 26)
+    seg[..., 0] = np.where(fg, 0.1, 0.9)
+    seg[..., 1] = 1 - seg[..., 0]
+    bdr = np.ones((size, size), np.float32)
+    centres = ((32, 18), (32, 46))
+    for cy, cx in centres:
+        bdr[(yy - cy) ** 2 + (xx - cx) ** 2 <= 16] = 0.0  # cores of radius 4
+    flood = postprocess(seg, bdr, PostprocessParams(method="markers", min_size=4))
+    grown = postprocess(seg, bdr, PostprocessParams(method="markers", min_size=4,
+                                                    max_growth=3.0))
+    assert flood.num_instances == grown.num_instances == 2
+    assert ((flood.inst > 0) == fg).all()
+    # Brute force: a pixel is kept iff it is foreground within 3 px of some core pixel.
+    cores = np.argwhere(bdr == 0)
+    near = np.zeros((size, size), bool)
+    for y, x in np.argwhere(fg):
+        near[y, x] = (((cores - (y, x)) ** 2).sum(1) <= 9).any()
+    assert ((grown.inst > 0) == near).all()
+    for cy, cx in centres:  # each nucleus a disc of radius 7 around its own centre
+        label = grown.inst[cy, cx]
+        assert ((grown.inst == label) == near & ((yy - cy) ** 2 + (xx - cx) ** 2 <= 49)).all()
+
+
+def test_orphan_size_keeps_large_foreground_without_a_core():
+    # Three nuclei: one with a boundary-free core, one large and one small whose whole area the
+    # model called boundary (no core): by default only the first survives.
+    size = 64
+    yy, xx = np.mgrid[:size, :size]
+    discs = {"cored": (16, 16, 7), "large": (44, 44, 6), "small": (16, 48, 3)}
+    masks = {k: (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r for k, (cy, cx, r) in discs.items()}
+    fg = masks["cored"] | masks["large"] | masks["small"]
+    seg = np.zeros((size, size, 3), np.float32)
+    seg[..., 0] = np.where(fg, 0.1, 0.9)
+    seg[..., 1] = 1 - seg[..., 0]
+    bdr = np.where(fg, 0.9, 0.0).astype(np.float32)
+    bdr[(yy - 16) ** 2 + (xx - 16) ** 2 <= 9] = 0.0
+    params = PostprocessParams(method="markers", min_size=8)
+    plain = postprocess(seg, bdr, params)
+    assert plain.num_instances == 1 and ((plain.inst > 0) == masks["cored"]).all()
+    # large: 113 px, small: 29 px
+    kept = postprocess(seg, bdr, dataclasses.replace(params, orphan_size=64))
+    assert kept.num_instances == 2
+    assert ((kept.inst > 0) == (masks["cored"] | masks["large"])).all()
+    assert len(np.unique(kept.inst[masks["large"]])) == 1
+    both = postprocess(seg, bdr, dataclasses.replace(params, orphan_size=16))
+    assert both.num_instances == 3 and ((both.inst > 0) == fg).all()
 
 
 def test_search_finds_settings_that_recover_the_nuclei():

@@ -39,7 +39,9 @@ ADDED_FIELDS = {("model", "depthwise_impl"): "auto", ("model", "arch"): "tsfd",
                 ("model", "input_skip"): 0, ("targets", "boundary_kind"): "contour",
                 ("loss", "hv_gradient_weight"): 2.0, ("eval", "tune_methods"): METHODS,
                 ("model", "node_pointwise"): False, ("input", "rgb_scaling"): "fixed",
-                ("eval", "tta"): "none"}
+                ("eval", "tta"): "none", ("postprocess", "max_growth"): 0.0,
+                ("postprocess", "orphan_size"): 0,
+                ("model", "skip_depth"): 1}
 
 
 def config_json(cfg) -> str:

@@ -108,6 +108,8 @@ class PostprocessParams:
     vote: str = "component"  # majority class per: component (paper, authors) | nucleus
     method: str = "paper"    # paper (steps 1-6) | markers (``marker_instances``)
     split_depth: float = 0.0  # markers: split cores at distance-transform peaks this deep (px)
+    max_growth: float = 0.0   # markers: grow cores at most this far (px); 0 = the whole foreground
+    orphan_size: int = 0      # markers: foreground no core reached kept as nuclei from this size
 
     @classmethod
     def of(cls, cfg_pp: Any) -> "PostprocessParams":
@@ -323,8 +325,15 @@ def marker_instances(seg_prob: np.ndarray, boundary_prob: np.ndarray,
        whose shared boundary was predicted too weakly still come apart;
     3. a watershed floods the foreground from the markers on the boundary probability (minus
        the distance to the core's edge in px, with ``split_depth``), so touching nuclei split
-       along the predicted boundary ridge or the core's neck;
-    4. instances under min_size px are dropped; each instance's class is the arg-max of its mean
+       along the predicted boundary ridge or the core's neck; with ``max_growth`` > 0 only
+       the foreground within that many px (Euclidean) of a core is flooded, so nuclei keep the
+       shape of their cores where the foreground runs on between them (glands, docs/learning.md
+       §19);
+    4. with ``orphan_size`` > 0 the foreground no core reached (a nucleus whose whole area the
+       model gave a high boundary probability, or foreground beyond ``max_growth``) is split into
+       8-connected pieces, and each piece of at least ``orphan_size`` px becomes a nucleus of its
+       own instead of being dropped;
+    5. instances under min_size px are dropped; each instance's class is the arg-max of its mean
        class probability (background excluded).
     closing, erosion, dilation and vote are not used.
     """
@@ -339,10 +348,19 @@ def marker_instances(seg_prob: np.ndarray, boundary_prob: np.ndarray,
         small = np.bincount(markers.ravel()) < max(params.min_size // 4, 1)
         small[0] = False
         markers[small[markers]] = 0
+    region = fg
+    if n and params.max_growth > 0:
+        region = fg & (ndi.distance_transform_edt(markers == 0) <= params.max_growth)
     if n and params.split_depth > 0:
         markers, n, dist = split_markers(markers, float(params.split_depth))
         elevation = elevation - dist
-    inst = watershed(elevation, markers, mask=fg) if n else markers
+    inst = watershed(elevation, markers, mask=region) if n else markers
+    if params.orphan_size > 0:
+        orphans, m = ndi.label(fg & (inst == 0), structure=_EIGHT)
+        if m:
+            large = np.bincount(orphans.ravel()) >= params.orphan_size
+            large[0] = False
+            inst = np.where(large[orphans], orphans + inst.max(), inst)
     area = np.bincount(inst.ravel())
     keep = area >= max(params.min_size, 1)
     keep[0] = False

@@ -41,10 +41,13 @@ GRID: dict[str, tuple] = {
     "dilation_size": (1, 3, 5),
     "vote": ("component", "nucleus"),
     "split_depth": (0.0, 1.0, 2.0, 3.0, 4.0),
+    "max_growth": (0.0, 2.0, 3.0, 4.0, 6.0, 8.0),
+    "orphan_size": (0, 32, 48, 64, 96, 128),
 }
 USED_BY = {"paper": ("seg_threshold", "boundary_threshold", "min_size", "closing_size",
                      "erosion_size", "dilation_size", "vote"),
-           "markers": ("seg_threshold", "boundary_threshold", "min_size", "split_depth")}
+           "markers": ("seg_threshold", "boundary_threshold", "min_size", "split_depth",
+                       "max_growth", "orphan_size")}
 SWEEPS = 2
 
 

@@ -102,18 +102,21 @@ class SkipRefine(nn.Module):
     to an output block's logits from the decoder map and finer features (the backbone's stem at
     stride 2, or the input's own at stride 1). (B, H, W, C) + (B, kH, kW, C_f) -> (B, kH, kW,
     features):
-    concat -> conv 3x3 (``channels``) -> BN -> swish -> conv 1x1. The last conv starts at zero,
-    so an untrained refinement leaves the paper's head unchanged."""
+    concat -> [conv 3x3 (``channels``) -> BN -> swish] x ``depth`` -> conv 1x1. The last conv
+    starts at zero, so an untrained refinement leaves the paper's head unchanged."""
 
     features: int
     channels: int
     layers: Layers = Layers()
+    depth: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, stem: jax.Array, train: bool) -> jax.Array:
         h = jnp.concatenate([resize_to(x, stem.shape[1:3]), stem.astype(x.dtype)], axis=-1)
-        h = self.layers.conv(self.channels, 3, use_bias=False, kernel_init=glorot_uniform,
-                             name="conv")(h)
-        h = nn.silu(self.layers.norm(train, "bn")(h))
+        for k in range(self.depth):
+            suffix = f"_{k + 1}" if k else ""  # the first layer keeps its names (checkpoints)
+            h = self.layers.conv(self.channels, 3, use_bias=False, kernel_init=glorot_uniform,
+                                 name="conv" + suffix)(h)
+            h = nn.silu(self.layers.norm(train, "bn" + suffix)(h))
         return self.layers.conv(self.features, 1, kernel_init=nn.initializers.zeros,
                                 name="out")(h)

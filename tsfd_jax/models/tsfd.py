@@ -77,6 +77,7 @@ class TSFDNet(nn.Module):
     classifier_dropout: float = 0.3
     stem_skip: int = 0                # channels of SkipRefine from the stem; 0 = the paper
     input_skip: int = 0               # channels of SkipRefine from the input; 0 = the paper
+    skip_depth: int = 1               # 3x3 conv layers in each SkipRefine
     boundary_channels: int = 1        # 2 for HoVer-Net's maps (targets.boundary_kind="hv")
     layers: Layers = Layers()         # compute dtype, BatchNorm, depthwise lowering
 
@@ -103,9 +104,10 @@ class TSFDNet(nn.Module):
         if self.stem_skip:
             stem = feats["stem"]
             out["seg_logits"] += SkipRefine(self.num_labels, self.stem_skip, layers,
-                                            name="seg_skip")(seg, stem, train)
-            out["boundary_logits"] += SkipRefine(self.boundary_channels, self.stem_skip,
-                                                 layers, name="boundary_skip")(bdr, stem, train)
+                                            self.skip_depth, name="seg_skip")(seg, stem, train)
+            out["boundary_logits"] += SkipRefine(self.boundary_channels, self.stem_skip, layers,
+                                                 self.skip_depth,
+                                                 name="boundary_skip")(bdr, stem, train)
         if self.input_skip:
             # Logits at the input resolution: the bilinear x2 of the heads plus a correction
             # from features of the input itself (docs/model.md, item 10).
@@ -114,9 +116,10 @@ class TSFDNet(nn.Module):
             f = nn.silu(layers.norm(train, "input_skip_bn")(f))
             full = x.shape[1:3]
             out["seg_logits"] = resize_to(out["seg_logits"], full) + SkipRefine(
-                self.num_labels, self.input_skip, layers, name="seg_input_skip")(seg, f, train)
+                self.num_labels, self.input_skip, layers, self.skip_depth,
+                name="seg_input_skip")(seg, f, train)
             out["boundary_logits"] = resize_to(out["boundary_logits"], full) + SkipRefine(
-                self.boundary_channels, self.input_skip, layers,
+                self.boundary_channels, self.input_skip, layers, self.skip_depth,
                 name="boundary_input_skip")(bdr, f, train)
         if self.tissue_head:
             # TC on the gated P7 (docs/model.md); the softmax lives in the loss.
@@ -174,6 +177,7 @@ def build_model(cfg) -> nn.Module:
         num_labels=len(cfg.data.label_names), num_tissues=num_tissues,
         tissue_head=bool(m.tissue_head), classifier_dropout=float(m.classifier_dropout),
         stem_skip=int(m.stem_skip), input_skip=int(m.input_skip),
+        skip_depth=int(m.skip_depth),
         boundary_channels=boundary_channels, layers=model_layers(cfg))
 
 
