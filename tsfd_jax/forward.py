@@ -27,7 +27,7 @@ LOGITS = ("seg_logits", "boundary_logits")
 IDENTITY = (False, False, False)
 TTA_TRANSFORMS = {
     "none": (IDENTITY,),
-    "flips": ((False, False, False), (False, False, True), (False, True, False),
+    "flips": (IDENTITY, (False, False, True), (False, True, False),
               (False, True, True)),
 }
 TTA_TRANSFORMS["dihedral"] = TTA_TRANSFORMS["flips"] + tuple(
