@@ -105,6 +105,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.stem_skip = 0               # not the paper: stem features into the output heads (channels)
     m.input_skip = 0              # not the paper: logits at the input resolution (channels)
     m.skip_depth = 1              # 3x3 conv layers of each stem / input skip
+    m.align_taps = False          # not the paper: backbone maps re-centred for the BiFPN's resizes
     m.bn_momentum = 0.99          # BatchNorm running-average decay (Keras default, §1.1)
     m.dtype = "float32"           # float32 | bfloat16 (compute; params stay float32)
     m.depthwise_impl = "auto"     # auto (shift on CPU, XLA grouped conv elsewhere) | shift | conv

@@ -179,10 +179,10 @@ def test_sweep_yields_every_variant(module):
 
 # ---- CoNSeP ----------------------------------------------------------------------------------
 
-def test_demo_real_variant_only_switches_augmentation_back_on():
+def test_demo_real_variant_switches_augmentation_and_tissue_head_back_on():
     from configs import demo
     synthetic, real = demo.get_config(), demo.get_config("real")
-    assert diff(synthetic, real) == {"augment.enabled": True}
+    assert diff(synthetic, real) == {"augment.enabled": True, "model.tissue_head": True}
     assert consep.get_config().augment.enabled  # real tiles keep the paper's augmentation
     with pytest.raises(ValueError, match="unknown variant"):
         demo.get_config("fold2")

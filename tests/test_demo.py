@@ -28,5 +28,5 @@ def test_demo_reaches_target_quality(tmp_path):
     found = {c: v for c, v in report["pq"]["class_PQ"].items() if c != "Dead"}
     assert all(v > 0.05 for v in found.values()), found
     assert (out / "train" / "postprocess.json").exists()
-    for name in ("report.md", "masks.npy", "overlays.png", "tissue_confusion.png"):
+    for name in ("report.md", "masks.npy", "overlays.png", "pr_curves.png"):
         assert (out / "train" / "eval" / "demo" / name).exists(), name

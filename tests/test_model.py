@@ -712,3 +712,26 @@ def test_hv_targets_give_a_two_channel_boundary_head(arch):
     cfg.loss.boundary = "bce"  # the maps need their own loss
     with pytest.raises(UserError, match="mse_msge"):
         build_model(cfg)
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_align_to_input_puts_strided_maps_on_the_half_pixel_grid(levels):
+    """A blob seen through ``levels`` stride-2 3x3 'SAME' box filters (the backbone's strided
+    convs), upsampled back by the BiFPN's half-pixel resizes, lands (s - 1) / 2 input pixels to
+    the top left of where it is; ``align_to_input`` puts it back (scipy centroids)."""
+    from scipy import ndimage
+    from tsfd_jax.models.bifpn import resize_to
+    from tsfd_jax.models.tsfd import align_to_input
+    size, centre, s = 256, (121.3, 134.6), 2 ** levels
+    yy, xx = np.mgrid[:size, :size]
+    blob = np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / (2 * (2.0 * s) ** 2))
+    x = jnp.asarray(blob, jnp.float32)[None, ..., None]
+    box = jnp.ones((3, 3, 1, 1), jnp.float32) / 9
+    for _ in range(levels):
+        x = jax.lax.conv_general_dilated(x, box, (2, 2), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    seen = np.asarray(resize_to(x, (size, size)))[0, ..., 0]
+    fixed = np.asarray(resize_to(align_to_input(x, (size, size)), (size, size)))[0, ..., 0]
+    np.testing.assert_allclose(ndimage.center_of_mass(seen), np.subtract(centre, (s - 1) / 2),
+                               atol=0.02)
+    np.testing.assert_allclose(ndimage.center_of_mass(fixed), centre, atol=0.02)

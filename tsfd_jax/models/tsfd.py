@@ -26,6 +26,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from tsfd_jax.models.bifpn import BiFPN, GatingBlock, glorot_uniform, level_name, resize_to
 from tsfd_jax.models.decoders import InterlinkedDecoders, SkipRefine, UpsamplingBlock
@@ -38,6 +39,26 @@ from tsfd_jax.ops.targets import BOUNDARY_CHANNELS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ARCHS = ("tsfd", "unet")  # model.arch: the paper's network, or the reference UNet (unet.py)
+
+
+def align_to_input(x: jax.Array, input_hw: tuple[int, int]) -> jax.Array:
+    """Not in the paper (``model.align_taps``, docs/model.md): a backbone map of stride s moved
+    onto the half-pixel grid the resizes of the BiFPN assume.
+
+    A stride-2 convolution with 'SAME' padding of an even map centres output i on input 2i + 1
+    (2i + 1/2 on that grid), so pixel k of a map of stride s sees input s k + s - 1 instead of
+    s k + (s - 1) / 2: (s - 1) / (2 s) of its own pixel to the bottom right. Linear
+    interpolation by that fraction (the first row and column repeated) puts it back.
+    """
+    for axis in (1, 2):
+        s = input_hw[axis - 1] // x.shape[axis]
+        f = (s - 1) / (2 * s)
+        if f == 0:
+            continue
+        prev = jnp.concatenate([lax.slice_in_dim(x, 0, 1, axis=axis),
+                                lax.slice_in_dim(x, 0, x.shape[axis] - 1, axis=axis)], axis=axis)
+        x = (1 - f) * x + f * prev
+    return x
 
 
 class Gating(nn.Module):
@@ -78,6 +99,7 @@ class TSFDNet(nn.Module):
     stem_skip: int = 0                # channels of SkipRefine from the stem; 0 = the paper
     input_skip: int = 0               # channels of SkipRefine from the input; 0 = the paper
     skip_depth: int = 1               # 3x3 conv layers in each SkipRefine
+    align_taps: bool = False          # re-centre the backbone's maps (``align_to_input``)
     boundary_channels: int = 1        # 2 for HoVer-Net's maps (targets.boundary_kind="hv")
     layers: Layers = Layers()         # compute dtype, BatchNorm, depthwise lowering
 
@@ -87,6 +109,8 @@ class TSFDNet(nn.Module):
         taps = tuple(self.taps) + (("stem",) if self.stem_skip and "stem" not in self.taps else ())
         feats = EfficientNet(self.width_mult, self.depth_mult, self.drop_connect_rate,
                              taps, layers, name="backbone")(x, train)
+        if self.align_taps:
+            feats = {k: align_to_input(v, x.shape[1:3]) for k, v in feats.items()}
         p = [feats[t] for t in self.taps]
         p = Gating(self.gating_channels, self.gating_dropout, layers, name="gating")(p, train)
         gated_top = p[-1]
@@ -177,7 +201,7 @@ def build_model(cfg) -> nn.Module:
         num_labels=len(cfg.data.label_names), num_tissues=num_tissues,
         tissue_head=bool(m.tissue_head), classifier_dropout=float(m.classifier_dropout),
         stem_skip=int(m.stem_skip), input_skip=int(m.input_skip),
-        skip_depth=int(m.skip_depth),
+        skip_depth=int(m.skip_depth), align_taps=bool(m.align_taps),
         boundary_channels=boundary_channels, layers=model_layers(cfg))
 
 
