@@ -21,7 +21,7 @@ docs/learning.md §8) and the scaled-down model of ``cpu_model``. 1300 steps fil
 10-minute budget on a 2-core CPU (1000 -> 1300 steps: tuned bPQ 0.605 -> 0.622, mPQ 0.455 ->
 0.533, docs/learning.md §10); README has the measured run.
 No tissue classifier (``model.tissue_head = False``, the paper's CBB; the ``:real`` variant keeps
-the FDB): on the synthetic folds the tissue loss stays near its start (tissue accuracy 0.13-0.25
+the FDB): on the synthetic folds the tissue classifier learns little (tissue accuracy 0.13-0.25
 on whole patches) and costs the nuclei; without it, two seeds gained +0.006 / +0.032 tuned bPQ
 and +0.069 / +0.028 mPQ (docs/learning.md §20).
 No augmentation (``augment.enabled = False``): the synthetic folds are drawn from one generator,
