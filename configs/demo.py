@@ -18,9 +18,10 @@ class-aware sampling (``data.sampling = 'class'``: images holding rare classes d
 on the 64-px demo it lifted mPQ from 0.364 to 0.432 and Inflammatory PQ from 0 to 0.43), the
 stem skip into the output heads (``model.stem_skip = 16``, not in the paper: at the same 1000
 steps and cost it lifted the tuned bPQ from 0.575 to 0.605 and mPQ from 0.409 to 0.455,
-docs/learning.md §8) and the scaled-down model of ``cpu_model``. 1300 steps fill the demo's
-10-minute budget on a 2-core CPU (1000 -> 1300 steps: tuned bPQ 0.605 -> 0.622, mPQ 0.455 ->
-0.533, docs/learning.md §10); README has the measured run.
+docs/learning.md §8) and the scaled-down model of ``cpu_model``. 1300 steps (1000 -> 1300:
+tuned bPQ 0.605 -> 0.622, mPQ 0.455 -> 0.533, docs/learning.md §10) take about 5.5 minutes
+without BiFPNs, so the whole demo runs in under 9 minutes on a 2-core CPU with room for slower
+machines; README has the measured run.
 No tissue classifier (``model.tissue_head = False``, the paper's CBB; the ``:real`` variant keeps
 the FDB): on the synthetic folds the tissue classifier learns little (tissue accuracy 0.13-0.25
 on whole patches) and costs the nuclei; without it, two seeds gained +0.006 / +0.032 tuned bPQ
@@ -98,7 +99,7 @@ def get_config(arg: str | None = None):
     d.sampling = "class"
     # Full-resolution stem features into both heads: touching nuclei come apart (§8).
     c.model.stem_skip = 16
-    c.total_steps = 1300             # ~6 minutes of training: the demo's 10-minute budget
+    c.total_steps = 1300             # ~5.5 minutes of training: the demo fits 10 minutes
     c.log_every_steps = 50
     c.eval_every_steps = 1300
     c.checkpoint_every_steps = 650
