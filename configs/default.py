@@ -91,6 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.width_mult = 0.0            # 0 = from the B-variant; else overrides (tiny configs)
     m.depth_mult = 0.0
     m.drop_connect_rate = 0.2     # Keras default stochastic depth
+    m.fused_stages = 0            # not the paper: stages 1..N as Fused-MBConv (EfficientNetV2)
     m.taps = ("block2d", "block3d", "block4f", "block5f", "block6h", "top")  # P2..P7 (§1.2)
     m.gating_channels = 160       # C_GB (PAPER §3.2)
     m.gating_dropout = 0.2        # SpatialDropout2D (§1.3)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from configs import tiny
-from tsfd_jax.checkpoints import ADDED_FIELDS, CONFIG_FILE, check_workdir, config_json
+from tsfd_jax.checkpoints import (ADDED_FIELDS, CONFIG_FILE, check_workdir, config_json,
+                                  saved_config)
 from tsfd_jax.errors import UserError
 
 
@@ -44,3 +46,20 @@ def test_a_changed_setting_is_refused_and_named(tmp_path):
     cfg.optim.lr = 2 * float(cfg.optim.lr)
     with pytest.raises(UserError, match="optim.lr"):
         check_workdir(wd, cfg)
+
+
+def test_every_field_added_since_a_saved_config_has_its_old_behaviour(tmp_path):
+    """configs/default.py as saved by a run of 2026-12-04: every field added since must be in
+    ADDED_FIELDS, or evaluate and resume fail on that run's workdir."""
+    from configs import default
+    from tsfd_jax.evaluate_run import load_run_config
+    from tsfd_jax.models.tsfd import build_model
+
+    old = (Path(__file__).parent / "data" / "default_config_2026-12-04.json").read_text()
+    now = json.loads(config_json(default.get_config()))
+    filled = saved_config(old)
+    missing = [f"{s}.{k}" for s, section in now.items() if isinstance(section, dict)
+               for k in section if k not in filled.get(s, {})]
+    assert not missing, f"add {missing} to checkpoints.ADDED_FIELDS"
+    (tmp_path / CONFIG_FILE).write_text(old)
+    build_model(load_run_config(tmp_path))

@@ -216,3 +216,54 @@ def test_depthwise_implementations_agree(tiny):
     b = _infer(model.clone(layers=Layers(depthwise_impl="conv")), variables, x)
     for t in model.taps:
         np.testing.assert_allclose(a[t], b[t], rtol=1e-4, atol=1e-4 * np.abs(b[t]).max())
+
+
+def test_fused_stages_are_fused_mbconv_blocks():
+    """Stages 1..N become EfficientNetV2's Fused-MBConv; checked against scipy's correlate."""
+    from scipy.ndimage import correlate
+
+    model = EfficientNet(*TINY, drop_connect_rate=0.0, fused_stages=2, taps=("stem", "block2a"))
+    x = jax.random.uniform(jax.random.key(5), (2, 16, 16, 3))
+    variables = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(0), x)
+    p = variables["params"]
+    # Stage 1 (expand 1): one 3x3 conv; stage 2: 3x3 conv to the expanded width, 1x1 project;
+    # neither has a depthwise conv or squeeze-excite. Stage 3 is an unchanged MBConv.
+    assert p["block1a_fused_conv"]["kernel"].shape == (3, 3, 8, 8)
+    assert p["block2a_fused_conv"]["kernel"].shape == (3, 3, 8, 48)
+    assert p["block2a_project_conv"]["kernel"].shape == (1, 1, 48, 8)
+    assert not any(k.startswith(("block1a_", "block2a_")) and k.endswith(("dwconv", "se_reduce"))
+                   for k in p)
+    assert "block3a_dwconv" in p and "block3a_fused_conv" not in p
+
+    out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+    stem = np.asarray(out["stem"], np.float64)
+
+    def conv(a, kernel, stride):  # float64 'SAME' correlation; stride 2 centres on odd pixels
+        k = np.asarray(kernel, np.float64)
+        pad = k.shape[0] // 2
+        a = np.pad(a, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        o = np.stack([sum(correlate(a[..., i], k[None, ..., i, j], mode="constant")
+                          for i in range(k.shape[2])) for j in range(k.shape[3])], -1)
+        o = o[:, pad:o.shape[1] - pad, pad:o.shape[2] - pad]
+        return o[:, stride - 1::stride, stride - 1::stride]
+
+    def bn(a, name):  # evaluation mode: fresh statistics (mean 0, var 1), eps 1e-3
+        return a / np.sqrt(1 + 1e-3) * np.asarray(p[name]["scale"]) + np.asarray(p[name]["bias"])
+
+    def silu(a):
+        return a / (1 + np.exp(-a))
+
+    b1 = silu(bn(conv(stem, p["block1a_fused_conv"]["kernel"], 1), "block1a_fused_bn")) + stem
+    h = silu(bn(conv(b1, p["block2a_fused_conv"]["kernel"], 2), "block2a_fused_bn"))
+    b2 = bn(conv(h, p["block2a_project_conv"]["kernel"], 1), "block2a_project_bn")
+    np.testing.assert_allclose(out["block2a"], b2, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_stages_are_validated():
+    from configs import tiny
+    from tsfd_jax.models.tsfd import build_model
+
+    c = tiny.get_config()
+    c.model.fused_stages = 8
+    with pytest.raises(ValueError, match="fused_stages must be 0..7"):
+        build_model(c)

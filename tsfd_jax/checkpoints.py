@@ -41,7 +41,8 @@ ADDED_FIELDS = {("model", "depthwise_impl"): "auto", ("model", "arch"): "tsfd",
                 ("model", "node_pointwise"): False, ("input", "rgb_scaling"): "fixed",
                 ("eval", "tta"): "none", ("postprocess", "max_growth"): 0.0,
                 ("postprocess", "orphan_size"): 0,
-                ("model", "skip_depth"): 1, ("model", "align_taps"): False}
+                ("model", "skip_depth"): 1, ("model", "align_taps"): False,
+                ("model", "fused_stages"): 0}
 
 
 def config_json(cfg) -> str:

@@ -17,6 +17,13 @@ that Keras weights (ImageNet, or a Keras-trained TSFD backbone) load by name
 - BatchNorm momentum 0.99, epsilon 1e-3 (Keras defaults); kernels initialised with Keras'
   ``VarianceScaling(2.0, 'fan_out', 'truncated_normal')``.
 
+``fused_stages = N`` (not the paper; 0 = Keras' EfficientNet) builds the blocks of stages 1..N as
+EfficientNetV2's Fused-MBConv (Tan & Le, ICML 2021): the expand 1x1 and the depthwise kxk become
+one full kxk conv (+ BN + swish), without squeeze-excite, then the same project 1x1 + BN (a
+block with expand ratio 1 is the kxk conv + BN + swish alone). Full convolutions learn faster
+than depthwise ones where the maps are large and narrow (docs/learning.md §22); such a
+backbone no longer loads Keras' EfficientNet weights.
+
 Not included: Keras' leading ``Rescaling(1/255)`` and ``Normalization`` layers. The Normalization
 layer is never adapted in TSFD (mean 0, variance 1 = identity), so the network simply sees x/255:
 callers divide by 255 themselves. Keras counts that layer's 2*C+1 statistics as parameters (13 for
@@ -177,6 +184,7 @@ class EfficientNet(nn.Module):
     drop_connect_rate: float = 0.2
     taps: tuple[str, ...] = DEFAULT_TAPS
     layers: Layers = Layers()         # dtype, BatchNorm (Keras: momentum 0.99, eps 1e-3), depthwise
+    fused_stages: int = 0             # stages 1..N as Fused-MBConv; 0 = the paper (module doc)
 
     @classmethod
     def from_variant(cls, variant: str, **overrides: Any) -> "EfficientNet":
@@ -191,11 +199,33 @@ class EfficientNet(nn.Module):
         return self.layers.conv(features, kernel, strides=stride, use_bias=use_bias,
                                 kernel_init=conv_kernel_init, name=name)
 
+    def _fused_mbconv(self, x: jax.Array, spec: BlockSpec, train: bool) -> jax.Array:
+        """EfficientNetV2's Fused-MBConv: one full kxk conv in place of expand + depthwise."""
+        n = spec.name + "_"
+        norm = self.layers.norm
+        expand = spec.expand_ratio != 1
+        x = self._conv(spec.expanded if expand else spec.filters_out, spec.kernel,
+                       n + "fused_conv", stride=spec.stride)(x)
+        x = nn.silu(norm(train, n + "fused_bn")(x))
+        if expand:
+            x = self._conv(spec.filters_out, 1, n + "project_conv")(x)
+            x = norm(train, n + "project_bn")(x)
+        return x
+
+    def _residual(self, x: jax.Array, inputs: jax.Array, spec: BlockSpec,
+                  train: bool) -> jax.Array:
+        if not spec.residual:
+            return x
+        if spec.drop_rate > 0:
+            # Stochastic depth: drop the whole residual branch per example (noise (B,1,1,1)).
+            x = nn.Dropout(spec.drop_rate, broadcast_dims=(1, 2, 3), deterministic=not train,
+                           name=spec.name + "_drop")(x)
+        return x + inputs
+
     def _mbconv(self, x: jax.Array, spec: BlockSpec, train: bool) -> jax.Array:
         """Keras ``efficientnet.block`` (inverted residual with squeeze-excite)."""
         n = spec.name + "_"
         norm = self.layers.norm
-        inputs = x
         if spec.expand_ratio != 1:
             x = self._conv(spec.expanded, 1, n + "expand_conv")(x)
             x = nn.silu(norm(train, n + "expand_bn")(x))
@@ -208,14 +238,7 @@ class EfficientNet(nn.Module):
         se = nn.sigmoid(self._conv(spec.expanded, 1, n + "se_expand", use_bias=True)(se))
         x = x * se
         x = self._conv(spec.filters_out, 1, n + "project_conv")(x)
-        x = norm(train, n + "project_bn")(x)
-        if spec.residual:
-            if spec.drop_rate > 0:
-                # Stochastic depth: drop the whole residual branch per example (noise (B,1,1,1)).
-                x = nn.Dropout(spec.drop_rate, broadcast_dims=(1, 2, 3), deterministic=not train,
-                               name=n + "drop")(x)
-            x = x + inputs
-        return x
+        return norm(train, n + "project_bn")(x)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
@@ -231,7 +254,8 @@ class EfficientNet(nn.Module):
         x = self._conv(round_filters(STEM_FILTERS, self.width_mult), 3, "stem_conv", stride=2)(x)
         feats["stem"] = x = nn.silu(self.layers.norm(train, "stem_bn")(x))
         for spec in specs:
-            feats[spec.name] = x = self._mbconv(x, spec, train)
+            block = self._fused_mbconv if spec.stage <= self.fused_stages else self._mbconv
+            feats[spec.name] = x = self._residual(block(x, spec, train), x, spec, train)
         x = self._conv(round_filters(TOP_FILTERS, self.width_mult), 1, "top_conv")(x)
         feats["top"] = nn.silu(self.layers.norm(train, "top_bn")(x))
         return {t: feats[t] for t in self.taps}

@@ -30,8 +30,8 @@ from jax import lax
 
 from tsfd_jax.models.bifpn import BiFPN, GatingBlock, glorot_uniform, level_name, resize_to
 from tsfd_jax.models.decoders import InterlinkedDecoders, SkipRefine, UpsamplingBlock
-from tsfd_jax.models.efficientnet import (DEFAULT_TAPS, EfficientNet, efficientnet_config,
-                                          stage_end_taps)
+from tsfd_jax.models.efficientnet import (BASE_BLOCKS, DEFAULT_TAPS, EfficientNet,
+                                          efficientnet_config, stage_end_taps)
 from tsfd_jax.models.layers import DEPTHWISE_IMPLS, Layers
 from tsfd_jax.models.unet import UNet
 from tsfd_jax.ops.preprocess import check_boundary_kind, input_channels
@@ -83,6 +83,7 @@ class TSFDNet(nn.Module):
     width_mult: float = 1.4
     depth_mult: float = 1.8
     drop_connect_rate: float = 0.2
+    fused_stages: int = 0             # EfficientNetV2's Fused-MBConv in stages 1..N; 0 = the paper
     taps: tuple[str, ...] = DEFAULT_TAPS
     gating_channels: int = 160
     gating_dropout: float = 0.2
@@ -108,7 +109,7 @@ class TSFDNet(nn.Module):
         layers = self.layers
         taps = tuple(self.taps) + (("stem",) if self.stem_skip and "stem" not in self.taps else ())
         feats = EfficientNet(self.width_mult, self.depth_mult, self.drop_connect_rate,
-                             taps, layers, name="backbone")(x, train)
+                             taps, layers, self.fused_stages, name="backbone")(x, train)
         if self.align_taps:
             feats = {k: align_to_input(v, x.shape[1:3]) for k, v in feats.items()}
         p = [feats[t] for t in self.taps]
@@ -184,6 +185,9 @@ def build_model(cfg) -> nn.Module:
                     num_labels=len(cfg.data.label_names), boundary_channels=boundary_channels,
                     layers=model_layers(cfg))
     width, depth = backbone_scaling(cfg)
+    if not 0 <= int(m.fused_stages) <= len(BASE_BLOCKS):
+        raise ValueError(f"model.fused_stages must be 0..{len(BASE_BLOCKS)} (EfficientNet's "
+                         f"stages), got {m.fused_stages}")
     taps = tuple(m.taps)
     if not taps or taps == DEFAULT_TAPS:
         taps = stage_end_taps(width, depth)
@@ -193,7 +197,7 @@ def build_model(cfg) -> nn.Module:
                          f"(got {num_tissues}); set model.tissue_head=False (CBB) instead")
     return TSFDNet(
         width_mult=width, depth_mult=depth, drop_connect_rate=float(m.drop_connect_rate),
-        taps=taps, gating_channels=int(m.gating_channels),
+        fused_stages=int(m.fused_stages), taps=taps, gating_channels=int(m.gating_channels),
         gating_dropout=float(m.gating_dropout), num_bifpn=int(m.num_bifpn),
         feature_reweighing=bool(m.feature_reweighing), se_ratio=int(m.se_ratio),
         node_dropout=float(m.node_dropout), node_pointwise=bool(m.node_pointwise),
