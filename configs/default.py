@@ -87,7 +87,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = m = ml_collections.ConfigDict()
     m.arch = "tsfd"               # tsfd | unet (the reference model, docs/learning.md)
     m.unet_features = (16, 32, 64)  # unet only: channels per level
-    m.backbone = "b4"             # EfficientNet B0..B7 compound scaling
+    m.backbone = "b4"             # EfficientNet B0..B7 compound scaling; "plain": not the paper
+    m.plain_features = (16, 32, 64, 64, 64)  # plain only: widths at strides 2, 4, 8, 16, 32
     m.width_mult = 0.0            # 0 = from the B-variant; else overrides (tiny configs)
     m.depth_mult = 0.0
     m.drop_connect_rate = 0.2     # Keras default stochastic depth

@@ -735,3 +735,51 @@ def test_align_to_input_puts_strided_maps_on_the_half_pixel_grid(levels):
     np.testing.assert_allclose(ndimage.center_of_mass(seen), np.subtract(centre, (s - 1) / 2),
                                atol=0.02)
     np.testing.assert_allclose(ndimage.center_of_mass(fixed), centre, atol=0.02)
+
+
+def test_plain_encoder_matches_conv_bn_relu_blocks_and_tsfd_strides():
+    """``model.backbone="plain"``: the reference UNet's conv blocks at EfficientNet's tap strides,
+    against a numpy forward pass (evaluation-mode BatchNorm with random statistics)."""
+    from tsfd_jax.models.plain import TAPS, PlainEncoder
+
+    enc = PlainEncoder((4, 4, 6, 8, 8), ("stem",) + TAPS)
+    x = np.random.default_rng(1).uniform(0, 1, (1, 32, 32, 3)).astype(np.float32)
+    v = random_variables(jax.eval_shape(lambda: enc.init(jax.random.key(0), x, train=False)),
+                         seed=3, stats=True)
+    out = {k: np.asarray(a[0], np.float64) for k, a in enc.apply(v, x, train=False).items()}
+    p, s = to_np(v["params"]), to_np(v["batch_stats"])
+
+    def block(a, name):
+        for k in range(2):
+            a = np_conv_same(a, p[name][f"conv{k}"]["kernel"], 0)
+            a = np.maximum(np_bn(a, p[name][f"bn{k}"], s[name][f"bn{k}"]), 0)
+        return a
+
+    def pool(a):
+        h, w, c = a.shape
+        return a.reshape(h // 2, 2, w // 2, 2, c).max(axis=(1, 3))
+
+    stem = np_conv_same(x[0].astype(np.float64), p["stem_conv"]["kernel"], 0)
+    # 'SAME' stride 2 with a 3x3 kernel on an even size: the window centred on odd pixels.
+    stem = np.maximum(np_bn(stem[1::2, 1::2], p["stem_bn"], s["stem_bn"]), 0)
+    ref = {"stem": block(stem, "stem")}
+    ref["s4"] = block(pool(ref["stem"]), "s4")
+    ref["s8"] = block(pool(ref["s4"]), "s8")
+    ref["s16a"] = block(pool(ref["s8"]), "s16a")
+    ref["s16b"] = block(ref["s16a"], "s16b")
+    ref["s32a"] = block(pool(ref["s16b"]), "s32a")
+    ref["s32b"] = block(ref["s32a"], "s32b")
+    for k, r in ref.items():
+        np.testing.assert_allclose(out[k], r, rtol=1e-4, atol=1e-4, err_msg=k)
+    # TSFD-Net's strides (docs/model.md): P2..P7 at 4, 8, 16, 16, 32, 32.
+    assert [32 // out[t].shape[0] for t in TAPS] == [4, 8, 16, 16, 32, 32]
+
+    cfg = tiny_cfg(backbone="plain", plain_features=(4, 4, 6, 8, 8))
+    model = build_model(cfg)
+    shape = input_shape(cfg, batch=1)
+    logits = jax.eval_shape(lambda: model.init_with_output(
+        jax.random.key(0), jnp.zeros(shape), train=False)[0])
+    assert logits["seg_logits"].shape[1] == shape[1] // 2
+    cfg.model.plain_features = (4, 4, 6)
+    with pytest.raises(ValueError, match="needs 5 widths"):
+        build_model(cfg)

@@ -42,7 +42,8 @@ ADDED_FIELDS = {("model", "depthwise_impl"): "auto", ("model", "arch"): "tsfd",
                 ("eval", "tta"): "none", ("postprocess", "max_growth"): 0.0,
                 ("postprocess", "orphan_size"): 0,
                 ("model", "skip_depth"): 1, ("model", "align_taps"): False,
-                ("model", "fused_stages"): 0}
+                ("model", "fused_stages"): 0,
+                ("model", "plain_features"): (16, 32, 64, 64, 64)}
 
 
 def config_json(cfg) -> str:

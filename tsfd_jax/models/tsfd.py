@@ -33,11 +33,14 @@ from tsfd_jax.models.decoders import InterlinkedDecoders, SkipRefine, Upsampling
 from tsfd_jax.models.efficientnet import (BASE_BLOCKS, DEFAULT_TAPS, EfficientNet,
                                           efficientnet_config, stage_end_taps)
 from tsfd_jax.models.layers import DEPTHWISE_IMPLS, Layers
+from tsfd_jax.models.plain import TAPS as PLAIN_TAPS
+from tsfd_jax.models.plain import PlainEncoder
 from tsfd_jax.models.unet import UNet
 from tsfd_jax.ops.preprocess import check_boundary_kind, input_channels
 from tsfd_jax.ops.targets import BOUNDARY_CHANNELS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PLAIN = "plain"   # model.backbone: the plain encoder (models/plain.py) instead of EfficientNet
 ARCHS = ("tsfd", "unet")  # model.arch: the paper's network, or the reference UNet (unet.py)
 
 
@@ -84,6 +87,7 @@ class TSFDNet(nn.Module):
     depth_mult: float = 1.8
     drop_connect_rate: float = 0.2
     fused_stages: int = 0             # EfficientNetV2's Fused-MBConv in stages 1..N; 0 = the paper
+    plain_features: tuple[int, ...] = ()  # widths of a plain encoder instead of EfficientNet
     taps: tuple[str, ...] = DEFAULT_TAPS
     gating_channels: int = 160
     gating_dropout: float = 0.2
@@ -108,8 +112,11 @@ class TSFDNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
         layers = self.layers
         taps = tuple(self.taps) + (("stem",) if self.stem_skip and "stem" not in self.taps else ())
-        feats = EfficientNet(self.width_mult, self.depth_mult, self.drop_connect_rate,
-                             taps, layers, self.fused_stages, name="backbone")(x, train)
+        if self.plain_features:
+            feats = PlainEncoder(self.plain_features, taps, layers, name="backbone")(x, train)
+        else:
+            feats = EfficientNet(self.width_mult, self.depth_mult, self.drop_connect_rate,
+                                 taps, layers, self.fused_stages, name="backbone")(x, train)
         if self.align_taps:
             feats = {k: align_to_input(v, x.shape[1:3]) for k, v in feats.items()}
         p = [feats[t] for t in self.taps]
@@ -162,8 +169,10 @@ def input_shape(cfg, batch: int = 1, size: int | None = None) -> tuple[int, int,
 
 
 def backbone_scaling(cfg) -> tuple[float, float]:
-    """(width_mult, depth_mult): the B-variant's, each overridden where the config's is non-zero."""
-    width, depth = efficientnet_config(str(cfg.model.backbone))
+    """(width_mult, depth_mult): the B-variant's, each overridden where the config's is non-zero
+    (B4's for the plain encoder, which has neither)."""
+    backbone = str(cfg.model.backbone)
+    width, depth = efficientnet_config("b4" if backbone == PLAIN else backbone)
     return (float(cfg.model.width_mult) or width, float(cfg.model.depth_mult) or depth)
 
 
@@ -188,16 +197,21 @@ def build_model(cfg) -> nn.Module:
     if not 0 <= int(m.fused_stages) <= len(BASE_BLOCKS):
         raise ValueError(f"model.fused_stages must be 0..{len(BASE_BLOCKS)} (EfficientNet's "
                          f"stages), got {m.fused_stages}")
+    plain = str(m.backbone) == PLAIN
+    if plain and len(m.plain_features) != 5:
+        raise ValueError(f"model.plain_features needs 5 widths (strides 2, 4, 8, 16, 32), got "
+                         f"{tuple(m.plain_features)}")
     taps = tuple(m.taps)
     if not taps or taps == DEFAULT_TAPS:
-        taps = stage_end_taps(width, depth)
+        taps = PLAIN_TAPS if plain else stage_end_taps(width, depth)
     num_tissues = len(cfg.data.tissue_names)
     if m.tissue_head and num_tissues < 2:
         raise ValueError("model.tissue_head needs at least 2 data.tissue_names "
                          f"(got {num_tissues}); set model.tissue_head=False (CBB) instead")
     return TSFDNet(
         width_mult=width, depth_mult=depth, drop_connect_rate=float(m.drop_connect_rate),
-        fused_stages=int(m.fused_stages), taps=taps, gating_channels=int(m.gating_channels),
+        fused_stages=int(m.fused_stages),
+        plain_features=tuple(int(f) for f in m.plain_features) if plain else (), taps=taps, gating_channels=int(m.gating_channels),
         gating_dropout=float(m.gating_dropout), num_bifpn=int(m.num_bifpn),
         feature_reweighing=bool(m.feature_reweighing), se_ratio=int(m.se_ratio),
         node_dropout=float(m.node_dropout), node_pointwise=bool(m.node_pointwise),
