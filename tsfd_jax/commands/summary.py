@@ -57,8 +57,10 @@ def run(args) -> int:
         if args.backward:
             flops["forward+backward"] = xla_flops(model, variables, shape, backward=True)
     kind = "FDB" if cfg.model.tissue_head else "CBB"
-    title = (f"TSFD-Net ({kind}, EfficientNet-{str(cfg.model.backbone).upper()} "
-             f"w={model.width_mult:g} d={model.depth_mult:g}, {shape[-1]}-channel input, "
+    backbone = (f"plain encoder {tuple(model.plain_features)}" if model.plain_features else
+                f"EfficientNet-{str(cfg.model.backbone).upper()} w={model.width_mult:g} "
+                f"d={model.depth_mult:g}")
+    title = (f"TSFD-Net ({kind}, {backbone}, {shape[-1]}-channel input, "
              f"C_GB={model.gating_channels}, {model.num_bifpn} BiFPNs, "
              f"FR {'on' if model.feature_reweighing else 'off (CFF)'}, "
              f"Eq. 3 third term {'on' if model.seg_third_term else 'off'}, {cfg.model.dtype})")
