@@ -10,7 +10,9 @@ network is CBB (no tissue classifier, ``model.tissue_head=False``, ``data.tissue
 The default model is the compound-scaled-down TSFD-Net of ``demo.cpu_model`` (EfficientNet
 widths / 4, one block per stage, C_GB = 32, 2 BiFPNs; 0.36 M parameters). It keeps the two
 BiFPNs that configs/demo.py drops: without them it ended level or a little below (0.308 / 0.231
-against 0.314 / 0.251 tuned, docs/learning.md §21). It trains
+against 0.314 / 0.251 tuned, docs/learning.md §21), and the EfficientNet that configs/demo.py
+replaces by a plain encoder: on the plain encoder it got 2000 steps in the same 44 minutes and
+ended at 0.300 / 0.249 (docs/learning.md §22). It trains
 on random 128-px crops of the tiles (``data.image_size``) at the paper's x2 input (256), so its
 outputs (input / 2) are at the label size, and is validated on the whole 256-px tiles (a 512
 input). Changed from the paper, each from the ablations at equal budget on held-out source

@@ -20,9 +20,9 @@ on the 64-px demo it lifted mPQ from 0.364 to 0.432 and Inflammatory PQ from 0 t
 stem skip into the output heads (``model.stem_skip = 16``, not in the paper: at the same 1000
 steps and cost it lifted the tuned bPQ from 0.575 to 0.605 and mPQ from 0.409 to 0.455,
 docs/learning.md §8) and the scaled-down model of ``cpu_model``. 1300 steps (1000 -> 1300:
-tuned bPQ 0.605 -> 0.622, mPQ 0.455 -> 0.533, docs/learning.md §10) take about 5.5 minutes
-without BiFPNs, so the whole demo runs in under 9 minutes on a 2-core CPU with room for slower
-machines; README has the measured run.
+tuned bPQ 0.605 -> 0.622, mPQ 0.455 -> 0.533, docs/learning.md §10) take about 5.6 minutes
+on the plain encoder without BiFPNs, so the whole demo runs in under 9 minutes on a 2-core CPU
+with room for slower machines; README has the measured run.
 A plain encoder (``model.backbone = "plain"``, docs/model.md item 14: the reference UNet's
 conv blocks, widths 16-64, returning the EfficientNet's six taps at the same strides): trained
 from scratch, the scaled-down EfficientNet learns the nuclei far more slowly per step. At the
@@ -59,7 +59,8 @@ from configs import default
 
 
 def cpu_model(c) -> None:
-    """The compound-scaled-down TSFD-Net of the CPU configs (0.36 M parameters)."""
+    """The compound-scaled-down TSFD-Net of the CPU configs (0.36 M parameters; configs/demo.py
+    replaces its EfficientNet by the plain encoder)."""
     m = c.model
     m.width_mult = 0.25              # EfficientNet channels / 4
     m.depth_mult = 0.3               # one block per stage
