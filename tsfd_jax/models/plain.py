@@ -23,9 +23,10 @@ import jax
 from tsfd_jax.models.layers import Layers
 from tsfd_jax.models.unet import ConvBlock
 
-# (name, stride relative to the previous level) after the stem.
-LEVELS = (("s4", 2), ("s8", 2), ("s16a", 2), ("s16b", 1), ("s32a", 2), ("s32b", 1))
-TAPS = ("s4", "s8", "s16a", "s16b", "s32a", "s32b")   # TSFD-Net's P2..P7
+# (name, stride relative to the previous level, index into the widths) after the stem.
+LEVELS = (("s4", 2, 1), ("s8", 2, 2), ("s16a", 2, 3), ("s16b", 1, 3), ("s32a", 2, 4),
+          ("s32b", 1, 4))
+TAPS = tuple(name for name, _, _ in LEVELS)           # TSFD-Net's P2..P7
 FEATURES = (16, 32, 64, 64, 64)                        # stem, s4, s8, s16, s32
 
 
@@ -45,10 +46,8 @@ class PlainEncoder(nn.Module):
         x = nn.relu(self.layers.norm(train, "stem_bn")(x))
         feats = {"stem": ConvBlock(self.features[0], self.layers, name="stem")(x, train)}
         x = feats["stem"]
-        widths = {"s4": 1, "s8": 2, "s16a": 3, "s16b": 3, "s32a": 4, "s32b": 4}
-        for name, stride in LEVELS:
+        for name, stride, width in LEVELS:
             if stride > 1:
                 x = nn.max_pool(x, (stride, stride), strides=(stride, stride))
-            feats[name] = x = ConvBlock(self.features[widths[name]], self.layers,
-                                        name=name)(x, train)
+            feats[name] = x = ConvBlock(self.features[width], self.layers, name=name)(x, train)
         return {t: feats[t] for t in self.taps}
