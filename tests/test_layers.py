@@ -1,8 +1,13 @@
-"""The depthwise convolution with its own gradient, against XLA's grouped convolution.
+"""The layers computed in a form fast on XLA:CPU, against XLA's own.
 
-Reference: ``lax.conv_general_dilated(..., 'SAME', feature_group_count=C)`` and its autodiff
-gradients, which equal Keras' DepthwiseConv2D with 'same' padding (tests/test_efficientnet.py
-checks SAME against Keras' explicit padding).
+- The depthwise convolution with its own gradient, against
+  ``lax.conv_general_dilated(..., 'SAME', feature_group_count=C)`` and its autodiff gradients,
+  which equal Keras' DepthwiseConv2D with 'same' padding (tests/test_efficientnet.py checks SAME
+  against Keras' explicit padding).
+- The transposed convolution as a sub-pixel convolution, against ``lax.conv_transpose`` and
+  ``nn.ConvTranspose`` (tests/test_model.py checks the output block against a numpy
+  transposed convolution placed as TensorFlow's).
+- 2 x 2 max-pooling as a reshape, against ``nn.max_pool``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ import numpy as np
 import pytest
 
 from tsfd_jax.models import layers
-from tsfd_jax.models.layers import DepthwiseConv2D, depthwise_conv, depthwise_impl_for
+import flax.linen as nn
+
+from tsfd_jax.models.layers import (ConvTranspose2D, DepthwiseConv2D, conv_transpose_phases,
+                                   depthwise_conv, depthwise_impl_for, max_pool_2x2)
 
 
 def grouped(x, kernel, stride):
@@ -77,3 +85,56 @@ def test_module_implementations_agree_and_auto_follows_the_backend():
         outs[impl] = jax.grad(lambda v: jnp.sum(layer.apply(v, x) ** 2))(v)
     for a, b in zip(jax.tree.leaves(outs["shift"]), jax.tree.leaves(outs["conv"])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("hw", [(8, 8), (5, 7)])
+def test_transposed_conv_phases_equal_lax_conv_transpose(stride, k, hw):
+    rng = np.random.default_rng(k * 10 + stride)
+    x = jnp.asarray(rng.normal(size=(2, *hw, 3)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(k, k, 3, 4)), jnp.float32)
+
+    def reference(a, b):
+        return jax.lax.conv_transpose(a, b, (stride, stride), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    out_shape = reference(x, kernel).shape
+    assert out_shape == (2, stride * hw[0], stride * hw[1], 4)
+    cot = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
+    want = vjp(lambda a, b, s: reference(a, b), x, kernel, stride, cot)
+    got = vjp(conv_transpose_phases, x, kernel, stride, cot)
+    for name, g, w in zip(("output", "input gradient", "kernel gradient"), got, want):
+        assert g.shape == w.shape, name
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+def test_transposed_conv_module_equals_flax_with_the_same_parameters():
+    x = jax.random.normal(jax.random.key(1), (2, 6, 6, 8))
+    ours = ConvTranspose2D(5, 3, 2)
+    params = ours.init(jax.random.key(0), x)
+    flax_conv = nn.ConvTranspose(5, (3, 3), strides=(2, 2), padding="SAME")
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+        jnp.shape, flax_conv.init(jax.random.key(0), x))
+    params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
+    np.testing.assert_allclose(ours.apply(params, x), flax_conv.apply(params, x), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (7, 9)])
+def test_max_pool_2x2_equals_flax_max_pool_with_its_gradient(hw):
+    # After a ReLU, as in the networks: windows of zeros have ties, where the gradient is 0.
+    x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, *hw, 3)))
+    cot = jax.random.normal(jax.random.key(1), (2, hw[0] // 2, hw[1] // 2, 3))
+
+    def flax_pool(a):
+        return nn.max_pool(a, (2, 2), strides=(2, 2))
+
+    for fn in (max_pool_2x2, flax_pool):
+        out, pull = jax.vjp(lambda a: fn(jax.nn.relu(a)), x)
+        if fn is max_pool_2x2:
+            got = (out, pull(cot)[0])
+        else:
+            want = (out, pull(cot)[0])
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-7)

@@ -160,6 +160,86 @@ def _depthwise_bwd(stride, residuals, g):
 depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
+def _transpose_pad_lo(kernel: int, stride: int) -> int:
+    """Low padding of the dilated input in ``lax.conv_transpose(..., 'SAME')``."""
+    return kernel - 1 if stride > kernel - 1 else -(-(kernel + stride - 2) // 2)
+
+
+def _phase_taps(kernel: int, stride: int) -> list[list[tuple[int, int]]]:
+    """Per output phase p (output index stride * i + p): the (tap, input offset d) pairs whose
+    product reaches it, output i + ... reading input i + d."""
+    lo = _transpose_pad_lo(kernel, stride)
+    return [[(t, (p + t - lo) // stride) for t in range(kernel) if (p + t - lo) % stride == 0]
+            for p in range(stride)]
+
+
+def conv_transpose_phases(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """``lax.conv_transpose(x, kernel, (s, s), 'SAME')`` of (B, H, W, Cin) by (kh, kw, Cin, Cout)
+    -> (B, s H, s W, Cout), computed as one stride-1 convolution of x into the s * s output
+    phases, interleaved (sub-pixel convolution).
+
+    The transposed convolution convolves an input dilated by zeros: s * s times the
+    multiplications, and on XLA:CPU a kernel gradient by its slow generic path (the largest
+    single operation of the demo's train step). Each output phase only ever meets a fixed subset
+    of the taps, at fixed input offsets; gathered into one small kernel they make an ordinary
+    convolution with the same sums.
+    """
+    kh, kw, cin, cout = kernel.shape
+    s = stride
+    rows, cols = _phase_taps(kh, s), _phase_taps(kw, s)
+    dy = [d for phase in rows for _, d in phase]
+    dx = [d for phase in cols for _, d in phase]
+    y0, x0 = min(dy), min(dx)
+    zero = jnp.zeros((cin, cout), kernel.dtype)
+    # blocks[oy][ox][py][px]: the tap that phase (py, px) reads at offset (y0 + oy, x0 + ox).
+    blocks = [[[[zero] * s for _ in range(s)] for _ in range(max(dx) - x0 + 1)]
+              for _ in range(max(dy) - y0 + 1)]
+    for py, phase_y in enumerate(rows):
+        for ty, oy in phase_y:
+            for px, phase_x in enumerate(cols):
+                for tx, ox in phase_x:
+                    blocks[oy - y0][ox - x0][py][px] = kernel[ty, tx]
+    w = jnp.stack([jnp.stack([jnp.stack([jnp.stack(b, axis=1) for b in bx], axis=1)
+                              for bx in by]) for by in blocks])   # (Dy, Dx, Cin, s, s, Cout)
+    w = w.reshape(w.shape[0], w.shape[1], cin, s * s * cout)
+    y = lax.conv_general_dilated(x, w, (1, 1), ((-y0, max(dy)), (-x0, max(dx))),
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    b, h, wd, _ = y.shape
+    y = y.reshape(b, h, wd, s, s, cout).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(b, h * s, wd * s, cout)
+
+
+class ConvTranspose2D(nn.Module):
+    """Transposed k x k convolution, stride s, 'SAME' padding: the parameters and outputs of
+    ``nn.ConvTranspose`` (``kernel`` (k, k, Cin, Cout), ``bias`` (Cout,)), computed by
+    ``conv_transpose_phases``."""
+
+    features: int
+    kernel_size: int
+    strides: int
+    kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
+    bias_init: Callable[..., Any] = nn.initializers.zeros
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
+                            jnp.float32)
+        dtype = self.dtype or x.dtype
+        y = conv_transpose_phases(x.astype(dtype), kernel.astype(dtype), self.strides)
+        return y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(dtype)
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2 x 2 max-pooling, stride 2, 'VALID' (= ``nn.max_pool(x, (2, 2), strides=(2, 2))``) of
+    (B, H, W, C), as a reshape and a maximum: XLA:CPU runs the gradient of the windowed
+    reduction 2.5x slower (an index of the maximum per window, then a scatter)."""
+    b, h, w, c = x.shape
+    x = x[:, :h // 2 * 2, :w // 2 * 2]
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class DepthwiseConv2D(nn.Module):
     """Depthwise k x k convolution, 'SAME' padding, parameters as ``nn.Conv`` with groups = C."""
 
@@ -213,10 +293,9 @@ class Layers:
 
     def conv_transpose(self, features: int, kernel: int, *, strides: int,
                        kernel_init: Callable = nn.initializers.lecun_normal(),
-                       name: str | None = None) -> nn.ConvTranspose:
-        return nn.ConvTranspose(features, (kernel, kernel), strides=(strides, strides),
-                                padding="SAME", use_bias=True, kernel_init=kernel_init,
-                                dtype=self.dtype, param_dtype=jnp.float32, name=name)
+                       name: str | None = None) -> ConvTranspose2D:
+        return ConvTranspose2D(features, kernel, strides, kernel_init, dtype=self.dtype,
+                               name=name)
 
     def dense(self, features: int, *, kernel_init: Callable = nn.initializers.lecun_normal(),
               name: str | None = None) -> nn.Dense:

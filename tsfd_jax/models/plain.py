@@ -20,10 +20,10 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from tsfd_jax.models.layers import Layers
+from tsfd_jax.models.layers import Layers, max_pool_2x2
 from tsfd_jax.models.unet import ConvBlock
 
-# (name, stride relative to the previous level, index into the widths) after the stem.
+# (name, stride relative to the previous level (1 or 2), index into the widths) after the stem.
 LEVELS = (("s4", 2, 1), ("s8", 2, 2), ("s16a", 2, 3), ("s16b", 1, 3), ("s32a", 2, 4),
           ("s32b", 1, 4))
 TAPS = tuple(name for name, _, _ in LEVELS)           # TSFD-Net's P2..P7
@@ -47,7 +47,7 @@ class PlainEncoder(nn.Module):
         feats = {"stem": ConvBlock(self.features[0], self.layers, name="stem")(x, train)}
         x = feats["stem"]
         for name, stride, width in LEVELS:
-            if stride > 1:
-                x = nn.max_pool(x, (stride, stride), strides=(stride, stride))
+            if stride == 2:
+                x = max_pool_2x2(x)
             feats[name] = x = ConvBlock(self.features[width], self.layers, name=name)(x, train)
         return {t: feats[t] for t in self.taps}

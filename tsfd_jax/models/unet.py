@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tsfd_jax.models.layers import Layers
+from tsfd_jax.models.layers import Layers, max_pool_2x2
 
 
 class ConvBlock(nn.Module):
@@ -46,7 +46,7 @@ class UNet(nn.Module):
         skips = []
         for i, f in enumerate(self.features):
             if i:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool_2x2(x)
             x = ConvBlock(f, self.layers, name=f"down{i}")(x, train)
             skips.append(x)
         for i in range(len(self.features) - 2, -1, -1):
