@@ -19,10 +19,12 @@ class-aware sampling (``data.sampling = 'class'``: images holding rare classes d
 on the 64-px demo it lifted mPQ from 0.364 to 0.432 and Inflammatory PQ from 0 to 0.43), the
 stem skip into the output heads (``model.stem_skip = 16``, not in the paper: at the same 1000
 steps and cost it lifted the tuned bPQ from 0.575 to 0.605 and mPQ from 0.409 to 0.455,
-docs/learning.md §8) and the scaled-down model of ``cpu_model``. 1300 steps (1000 -> 1300:
-tuned bPQ 0.605 -> 0.622, mPQ 0.455 -> 0.533, docs/learning.md §10) take about 5.6 minutes
-on the plain encoder without BiFPNs, so the whole demo runs in under 9 minutes on a 2-core CPU
-with room for slower machines; README has the measured run.
+docs/learning.md §8) and the scaled-down model of ``cpu_model`` with 16 gating and decoder
+channels instead of its 32 (1.4x the steps per minute; at equal budget +0.018 tuned bPQ and
++0.015 mPQ, docs/learning.md §23). 1700 steps (1000 -> 1300: tuned bPQ 0.605 -> 0.622, mPQ
+0.455 -> 0.533, docs/learning.md §10; 1300 -> 1700 with the narrower decoders, the same
+training time) take about 5.5 minutes, so the whole demo runs in under 9 minutes on a 2-core
+CPU with room for slower machines; README has the measured run.
 A plain encoder (``model.backbone = "plain"``, docs/model.md item 14: the reference UNet's
 conv blocks, widths 16-64, returning the EfficientNet's six taps at the same strides): trained
 from scratch, the scaled-down EfficientNet learns the nuclei far more slowly per step. At the
@@ -109,10 +111,10 @@ def get_config(arg: str | None = None):
     d.sampling = "class"
     # Full-resolution stem features into both heads: touching nuclei come apart (§8).
     c.model.stem_skip = 16
-    c.total_steps = 1300             # ~5.5 minutes of training: the demo fits 10 minutes
+    c.total_steps = 1700             # ~5.5 minutes of training: the demo fits 10 minutes
     c.log_every_steps = 50
-    c.eval_every_steps = 1300
-    c.checkpoint_every_steps = 650
+    c.eval_every_steps = 1700
+    c.checkpoint_every_steps = 850
     c.eval_max_images = 16           # whole 256-px patches of the validation fold
     c.eval.tune_max_images = 32
     # The marker watershed won the tuning of the demo runs of docs/learning.md §10-13;
@@ -135,6 +137,9 @@ def get_config(arg: str | None = None):
     # A plain encoder: from scratch it learns the nuclei far faster than the scaled-down
     # EfficientNet; +0.082 tuned bPQ and +0.094 mPQ at the same steps (docs/learning.md §22).
     c.model.backbone = "plain"
+    # Half the channels in the gating blocks and decoders (C_GB 32 -> 16): 1.4x the steps in
+    # the same time, +0.018 tuned bPQ and +0.015 mPQ at equal budget (docs/learning.md §23).
+    c.model.gating_channels = 16
     if arg == "real":
         c.augment.enabled = True     # real folds differ in stain and scanner: augment (§13)
         c.model.tissue_head = True   # real tissue labels: the paper's FDB
