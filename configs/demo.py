@@ -1,6 +1,6 @@
 """The embedded default: a scaled-down TSFD-Net on synthetic PanNuke, for a 2-core CPU.
 
-The paper model smaller (gating, FR blocks, interlinked decoders at C_GB = 32), on a plain
+The paper model smaller (gating, FR blocks, interlinked decoders at C_GB = 16), on a plain
 convolutional encoder instead of the EfficientNet that the paper starts from ImageNet weights,
 and without the two parts that cost at this scale: the BiFPNs and the tissue head (the paper's
 Table 4 row "CBB + ID"; each measured below). The data
