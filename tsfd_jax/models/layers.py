@@ -203,7 +203,8 @@ def conv_transpose_phases(x: jax.Array, kernel: jax.Array, stride: int) -> jax.A
     cols, x0 = _phase_selection(kw, s)
     # Each entry of w is exactly one tap of the kernel or 0 (HIGHEST: TPUs would otherwise
     # round the kernel to bfloat16 in the product).
-    w = jnp.einsum("ypa,xqb,abio->yxipqo", rows, cols, kernel, precision=lax.Precision.HIGHEST)
+    w = jnp.einsum("ypa,xqb,abio->yxipqo", rows, cols, kernel,
+                   precision=lax.Precision.HIGHEST).astype(kernel.dtype)
     w = w.reshape(rows.shape[0], cols.shape[0], cin, s * s * cout)
     pads = ((-y0, rows.shape[0] - 1 + y0), (-x0, cols.shape[0] - 1 + x0))
     y = lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
