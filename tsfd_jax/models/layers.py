@@ -26,7 +26,6 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 DEPTHWISE_IMPLS = ("auto", "shift", "conv")
@@ -167,23 +166,11 @@ def _transpose_pad_lo(kernel: int, stride: int) -> int:
 
 
 def _phase_taps(kernel: int, stride: int) -> list[list[tuple[int, int]]]:
-    """Per output phase p (outputs stride * i + p), along one axis: the (tap t, offset d) pairs
-    by which kernel tap t multiplies input i + d into output stride * i + p."""
+    """Per output phase p (output index stride * i + p): the (tap, input offset d) pairs whose
+    product reaches it, output i + ... reading input i + d."""
     lo = _transpose_pad_lo(kernel, stride)
     return [[(t, (p + t - lo) // stride) for t in range(kernel) if (p + t - lo) % stride == 0]
             for p in range(stride)]
-
-
-def _phase_selection(kernel: int, stride: int) -> tuple[np.ndarray, int]:
-    """0/1 (D, stride, kernel): which tap phase p reads at offset d0 + i (i < D), and d0."""
-    taps = _phase_taps(kernel, stride)
-    offsets = [d for phase in taps for _, d in phase]
-    d0 = min(offsets)
-    sel = np.zeros((max(offsets) - d0 + 1, stride, kernel), np.float32)
-    for p, phase in enumerate(taps):
-        for t, d in phase:
-            sel[d - d0, p, t] = 1.0
-    return sel, d0
 
 
 def conv_transpose_phases(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
@@ -199,15 +186,24 @@ def conv_transpose_phases(x: jax.Array, kernel: jax.Array, stride: int) -> jax.A
     """
     kh, kw, cin, cout = kernel.shape
     s = stride
-    rows, y0 = _phase_selection(kh, s)
-    cols, x0 = _phase_selection(kw, s)
-    # Each entry of w is exactly one tap of the kernel or 0 (HIGHEST: TPUs would otherwise
-    # round the kernel to bfloat16 in the product).
-    w = jnp.einsum("ypa,xqb,abio->yxipqo", rows, cols, kernel,
-                   precision=lax.Precision.HIGHEST).astype(kernel.dtype)
-    w = w.reshape(rows.shape[0], cols.shape[0], cin, s * s * cout)
-    pads = ((-y0, rows.shape[0] - 1 + y0), (-x0, cols.shape[0] - 1 + x0))
-    y = lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    rows, cols = _phase_taps(kh, s), _phase_taps(kw, s)
+    dy = [d for phase in rows for _, d in phase]
+    dx = [d for phase in cols for _, d in phase]
+    y0, x0 = min(dy), min(dx)
+    zero = jnp.zeros((cin, cout), kernel.dtype)
+    # blocks[oy][ox][py][px]: the tap that phase (py, px) reads at offset (y0 + oy, x0 + ox).
+    blocks = [[[[zero] * s for _ in range(s)] for _ in range(max(dx) - x0 + 1)]
+              for _ in range(max(dy) - y0 + 1)]
+    for py, phase_y in enumerate(rows):
+        for ty, oy in phase_y:
+            for px, phase_x in enumerate(cols):
+                for tx, ox in phase_x:
+                    blocks[oy - y0][ox - x0][py][px] = kernel[ty, tx]
+    w = jnp.stack([jnp.stack([jnp.stack([jnp.stack(b, axis=1) for b in bx], axis=1)
+                              for bx in by]) for by in blocks])   # (Dy, Dx, Cin, s, s, Cout)
+    w = w.reshape(w.shape[0], w.shape[1], cin, s * s * cout)
+    y = lax.conv_general_dilated(x, w, (1, 1), ((-y0, max(dy)), (-x0, max(dx))),
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
     b, h, wd, _ = y.shape
     y = y.reshape(b, h, wd, s, s, cout).transpose(0, 1, 3, 2, 4, 5)
     return y.reshape(b, h * s, wd * s, cout)
