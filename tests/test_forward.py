@@ -166,3 +166,14 @@ def test_unknown_tta_is_a_one_line_error():
     with pytest.raises(UserError, match="eval.tta='rot90'"):
         predicted_probabilities(model, {}, np.zeros(input_shape(cfg), np.float32), (32, 32),
                                 "rot90")
+
+
+def test_predict_cli_offers_exactly_the_tta_modes():
+    """predict's ``--tta`` spells its choices out (the CLI imports no jax before it runs), so
+    they must follow ``forward.TTA_MODES`` when a mode is added."""
+    from tsfd_jax.cli import build_parser
+    from tsfd_jax.forward import TTA_MODES
+
+    predict = build_parser()._subparsers._group_actions[0].choices["predict"]
+    tta = next(a for a in predict._actions if "--tta" in a.option_strings)
+    assert tuple(tta.choices) == TTA_MODES
