@@ -436,3 +436,27 @@ def test_without_stardist_the_row_is_skipped_with_one_line(capsys):
     assert bench_quality.stardist_python("/nonexistent/python") == ""
     assert capsys.readouterr().out == ("StarDist row: skipped (stardist not importable by "
                                        "/nonexistent/python; pass --stardist-python)\n")
+
+
+def test_target_ceiling_loses_thin_nuclei_only_to_bands_on_every_contour(tmp_path, capsys):
+    """A 6-px-wide nucleus and two touching blocks: contours and contact bands recover all
+    three nuclei from ideal maps (PQ 1); 6-px bands on every contour leave the thin one no core,
+    so it is lost and bPQ falls."""
+    from experiments import target_ceiling
+
+    inst = np.zeros((48, 48), np.int32)
+    inst[6:40, 4:10] = 1
+    inst[8:30, 20:30], inst[8:30, 30:40] = 2, 3
+    np.savez(tmp_path / "a.npz", inst=inst, type=(inst > 0).astype(np.int32))
+    Image.fromarray(np.full((48, 48, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "classes.txt").write_text("nucleus\n")
+    out = tmp_path / "ceiling.json"
+    target_ceiling.main(["--data", str(tmp_path), "--out", str(out), "--min-size", "4",
+                         "--setting", "contours:0,0", "--setting", "bands6:2,0",
+                         "--setting", "contacts6:0,2"])
+    rows = {r["setting"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["contours"]["bPQ"] == pytest.approx(1.0)
+    assert rows["contacts6"]["bPQ"] == pytest.approx(1.0)
+    assert rows["bands6"]["bPQ"] < 0.9
+    assert rows["bands6"]["boundary_share"] > rows["contacts6"]["boundary_share"]
+    assert "| contacts6 | 0 | 2 |" in capsys.readouterr().out

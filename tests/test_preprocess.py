@@ -227,11 +227,12 @@ def test_bad_config_values_are_rejected():
 def test_boundary_dilation_and_contact_targets_follow_the_config(batch):
     cfg = small_config()
     cfg.targets.boundary_dilation = 2
+    cfg.targets.contact_dilation = 3
     cfg.loss.contact_weight = 5.0
     _, targets = run(cfg, batch, jax.random.key(0), False)
     np.testing.assert_array_equal(
         np.asarray(targets["boundary"]),
-        np.asarray(boundary_target(batch["inst"], batch["cls"], None, 2, 2)))
+        np.asarray(boundary_target(batch["inst"], batch["cls"], None, 2, 2, 3)))
     np.testing.assert_array_equal(np.asarray(targets["contact"]),
                                   np.asarray(contacts(jnp.asarray(batch["inst"]))))
 

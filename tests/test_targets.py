@@ -262,3 +262,36 @@ def test_hv_energy_separates_touching_nuclei_and_is_zero_inside():
     # A single nucleus has no inner split: the energy stays below the split's on its rims.
     single = np.asarray(hv_energy(hv_target(jnp.asarray(inst == 1).astype(jnp.int32))))
     assert single[6:18, 5:18].max() < 0.2
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3])
+def test_contact_dilation_widens_only_where_nuclei_touch(radius):
+    """Reference: skimage's thick contours OR scipy's dilation of the nucleus pixels that have
+    a 4-neighbour in another nucleus (each nucleus against the others, independently of
+    ``contacts``)."""
+    rng = np.random.default_rng(10 + radius)
+    inst = rng.integers(0, 5, size=(2, 30, 26)).repeat(3, axis=1)[:, :30]
+    cls = (inst > 0).astype(np.int32)
+    out = np.asarray(boundary_target(jnp.asarray(inst), jnp.asarray(cls), None, 0, 0, radius))
+    cross, square = ndi.generate_binary_structure(2, 1), np.ones((2 * radius + 1,) * 2, bool)
+    for i in range(2):
+        touching = np.zeros(inst[i].shape, bool)
+        for k in np.unique(inst[i])[1:]:
+            others = (inst[i] > 0) & (inst[i] != k)
+            touching |= (inst[i] == k) & ndi.binary_dilation(others, cross)
+        ref = (find_boundaries(inst[i], connectivity=1, mode="thick")
+               | ndi.binary_dilation(touching, square))
+        np.testing.assert_array_equal(out[i].astype(bool), ref)
+
+
+def test_contact_dilation_keeps_the_core_of_a_thin_nucleus():
+    """A 6-px-wide nucleus alone keeps a core with wide contact bands, not with wide contours;
+    two touching nuclei are split by a band 2 + 2 r px wide."""
+    inst = np.zeros((24, 40), np.int32)
+    inst[4:20, 3:9] = 1                                  # thin, alone
+    inst[4:20, 20:28], inst[4:20, 28:36] = 2, 3          # touching at columns 27 | 28
+    j, c = jnp.asarray(inst), jnp.asarray((inst > 0).astype(np.int32))
+    contact = np.asarray(boundary_target(j, c, None, 0, 0, 2)).astype(bool)
+    wide = np.asarray(boundary_target(j, c, None, 0, 2, 0)).astype(bool)
+    assert (~contact & (inst == 1)).any() and not (~wide & (inst == 1)).any()
+    assert contact[12, 25:31].all() and not contact[12, 24] and not contact[12, 31]

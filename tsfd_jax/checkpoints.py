@@ -36,6 +36,7 @@ RUN_ENTRIES = ("config.json", "checkpoints", "metrics.jsonl", "tb", "eval", "pos
 ADDED_FIELDS = {("model", "depthwise_impl"): "auto", ("model", "arch"): "tsfd",
                 ("model", "unet_features"): (16, 32, 64), ("optim", "name"): "sgd",
                 ("model", "stem_skip"): 0, ("targets", "boundary_dilation"): 0,
+                ("targets", "contact_dilation"): 0,
                 ("model", "input_skip"): 0, ("targets", "boundary_kind"): "contour",
                 ("loss", "hv_gradient_weight"): 2.0, ("eval", "tune_methods"): METHODS,
                 ("model", "node_pointwise"): False, ("input", "rgb_scaling"): "fixed",

@@ -175,6 +175,7 @@ def make_preprocess_fn(cfg) -> Callable[[dict, jax.Array, bool], tuple[jax.Array
     augment_on = bool(augment_cfg.get("enabled", False))
     frame_width = int(cfg.targets.frame_width)
     dilation = int(cfg.targets.get("boundary_dilation", 0))
+    contact_dilation = int(cfg.targets.get("contact_dilation", 0))
     kind = check_boundary_kind(cfg)
     # The contact map is only a loss weight; skip it when that weight is off.
     with_contact = float(cfg.loss.get("contact_weight", 0.0)) > 0
@@ -200,7 +201,8 @@ def make_preprocess_fn(cfg) -> Callable[[dict, jax.Array, bool], tuple[jax.Array
         elif kind == "hv":
             boundary = hv_target(inst)
         else:
-            boundary = boundary_target(inst, cls, content, frame_width, dilation)
+            boundary = boundary_target(inst, cls, content, frame_width, dilation,
+                                       contact_dilation)
         inputs = _network_inputs(image, content, train, **settings)
         targets = {
             "cls": cls,

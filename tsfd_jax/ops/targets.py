@@ -106,11 +106,14 @@ def content_edge_band(content_mask: jax.Array, width: int = 2) -> jax.Array:
 
 
 def boundary_target(inst: jax.Array, cls: jax.Array, content_mask: jax.Array | None = None,
-                    frame_width: int = 2, dilation: int = 0) -> jax.Array:
+                    frame_width: int = 2, dilation: int = 0,
+                    contact_dilation: int = 0) -> jax.Array:
     """(..., H, W) inst, cls [, content_mask] -> (..., H, W) float32 boundary target in {0, 1}.
 
-    thick boundaries (dilated by ``dilation`` px) OR nucleus pixels (inst > 0 or cls > 0) within
-    ``frame_width`` px of the patch edge OR of the edge of the valid content region
+    thick boundaries (dilated by ``dilation`` px) OR the contacts between touching nuclei
+    dilated by ``contact_dilation`` px (when > 0: wide bands only where nuclei touch, thin
+    contours elsewhere, so thin nuclei keep a core) OR nucleus pixels (inst > 0 or cls > 0)
+    within ``frame_width`` px of the patch edge OR of the edge of the valid content region
     (docs/preprocessing.md).
     """
     h, w = inst.shape[-2:]
@@ -118,7 +121,10 @@ def boundary_target(inst: jax.Array, cls: jax.Array, content_mask: jax.Array | N
     band = frame_band(h, w, frame_width) if frame_width > 0 else jnp.zeros((h, w), bool)
     if content_mask is not None and frame_width > 0:
         band = band | content_edge_band(content_mask, frame_width)
-    return (dilate(boundaries(inst), dilation) | (band & nucleus)).astype(jnp.float32)
+    edges = dilate(boundaries(inst), dilation)
+    if contact_dilation > 0:
+        edges = edges | dilate(contacts(inst), contact_dilation)
+    return (edges | (band & nucleus)).astype(jnp.float32)
 
 
 _EIGHT_OFFSETS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx)
