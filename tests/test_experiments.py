@@ -460,3 +460,28 @@ def test_target_ceiling_loses_thin_nuclei_only_to_bands_on_every_contour(tmp_pat
     assert rows["bands6"]["bPQ"] < 0.9
     assert rows["bands6"]["boundary_share"] > rows["contacts6"]["boundary_share"]
     assert "| contacts6 | 0 | 2 |" in capsys.readouterr().out
+
+
+def test_error_kinds_sorts_every_true_nucleus(tmp_path):
+    """Five true nuclei, one of each kind: a copy (matched), one with no prediction (missed), two
+    touching ones predicted as one (merged), one inside a prediction three times its size (too
+    large) and one predicted as two halves (fragmented)."""
+    from experiments import error_kinds
+
+    spec = [(1, 1, 2, 10, 2, 10), (2, 1, 2, 10, 20, 28), (3, 2, 20, 28, 2, 10),
+            (4, 2, 20, 28, 10, 18), (5, 1, 40, 46, 40, 46), (6, 1, 40, 56, 2, 18)]
+    inst, typ = boxes((64, 64), spec)
+    truth = to_pannuke_masks(inst, typ, 2)
+    pinst, ptyp = boxes((64, 64), [(1, 1, 2, 10, 2, 10), (2, 2, 20, 28, 2, 18),
+                                   (3, 1, 36, 50, 36, 50), (4, 1, 40, 56, 2, 10),
+                                   (5, 1, 40, 56, 10, 18)])
+    pred = to_pannuke_masks(pinst, ptyp, 2)
+    (tmp_path / "true").mkdir()
+    np.save(tmp_path / "masks.npy", pred[None])
+    np.save(tmp_path / "true" / "masks.npy", truth[None])
+    out = tmp_path / "kinds.json"
+    error_kinds.main(["--eval", str(tmp_path), "--out", str(out)])
+    kinds = json.loads(out.read_text())["kinds"]
+    assert {k: kinds["all"][k] for k in error_kinds.KINDS} == {
+        "matched": 1, "missed": 1, "merged": 2, "too_large": 1, "fragmented": 1}
+    assert kinds["class1"]["merged"] == 2 and kinds["class0"]["missed"] == 1
