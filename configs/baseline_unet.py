@@ -42,3 +42,6 @@ def apply(c) -> None:
     c.loss.seg = "ce"
     c.loss.boundary = "bce"
     c.loss.w_boundary = 3.0
+    # The yardstick keeps its 2-px contours; configs/demo.py's contact bands (docs/learning.md
+    # §25) were not measured on it.
+    c.targets.contact_dilation = 0
