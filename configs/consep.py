@@ -29,7 +29,10 @@ on the same model, 0.304 / 0.185 -> 0.332 / 0.195 untuned on seed 1's held-out i
 (section 18). Its tuning also searches how far nuclei grow from their cores and from what size
 foreground without a core is kept (``postprocess.max_growth``, ``postprocess.orphan_size``):
 0.300 -> 0.314 bPQ and 0.245 -> 0.251 mPQ on seed 0's model, 0.333 -> 0.365 and 0.196 ->
-0.209 on seed 1's (section 19).
+0.209 on seed 1's (section 19). What configs/demo.py gained from and this config did not, at
+40 minutes on seed 0 (section 24): the boundary BCE weighted 30 (0.300 / 0.216 tuned) and
+separation bands only where nuclei touch (``targets.contact_dilation = 2`` without the
+bands on every contour: 0.294 / 0.219), against the config's 0.314 / 0.251.
 
   python -m tsfd_jax train --config configs/consep.py --workdir runs/consep \
       --config.data.root ../shared/data/consep/train
