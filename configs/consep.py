@@ -7,42 +7,38 @@ of 256 x 256 from 27 source images (16 tiles each); 20 % of the source images ar
 are drawn with ``seed``, so every seed validates on its own images). CoNSeP has no tissue labels, so the
 network is CBB (no tissue classifier, ``model.tissue_head=False``, ``data.tissue_names=()``).
 
-The default model is the compound-scaled-down TSFD-Net of ``demo.cpu_model`` (EfficientNet
-widths / 4, one block per stage, C_GB = 32, 2 BiFPNs; 0.36 M parameters). It keeps the two
-BiFPNs that configs/demo.py drops: without them it ended level or a little below (0.308 / 0.231
-against 0.314 / 0.251 tuned, docs/learning.md §21), and the EfficientNet that configs/demo.py
-replaces by a plain encoder: on the plain encoder it got 2000 steps in the same 44 minutes and
-ended at 0.300 / 0.249 (docs/learning.md §22). It trains
-on random 128-px crops of the tiles (``data.image_size``) at the paper's x2 input (256), so its
-outputs (input / 2) are at the label size, and is validated on the whole 256-px tiles (a 512
-input). Changed from the paper, each from the ablations at equal budget on held-out source
-images (docs/learning.md): ``demo.small_data_recipe`` (AdamW 2e-3 instead of SGD, 3 x BCE on the
-boundary instead of focal Tversky + Combo; the 'markers' post-processing, tuned on validation by
-``evaluate --tune``), BatchNorm momentum 0.9; crops at the x2 input (bPQ 0.142 -> 0.195 over
-whole tiles at a 256 input, section 6); the stem skip (``model.stem_skip = 16``) and 6-px
-separation bands between touching nuclei (``targets.boundary_dilation = 2``): together 0.195 ->
-0.234 bPQ and 0.101 -> 0.154 mPQ at 10 minutes (sections 9-10); no dropout or drop-connect
-(the paper: 0.2 each; ``demo.cpu_model``: 0.1): 0.242 -> 0.272 bPQ and 0.198 -> 0.229 mPQ at
-40 minutes (section 16); evaluated and predicted with the four flips of each tile averaged
-(``eval.tta = "flips"``; not in the paper): 0.272 -> 0.300 bPQ and 0.229 -> 0.245 mPQ tuned
-on the same model, 0.304 / 0.185 -> 0.332 / 0.195 untuned on seed 1's held-out images
-(section 18). Its tuning also searches how far nuclei grow from their cores and from what size
-foreground without a core is kept (``postprocess.max_growth``, ``postprocess.orphan_size``):
-0.300 -> 0.314 bPQ and 0.245 -> 0.251 mPQ on seed 0's model, 0.333 -> 0.365 and 0.196 ->
-0.209 on seed 1's (section 19). What configs/demo.py gained from and this config did not, at
-40 minutes on seed 0 (section 24): the boundary BCE weighted 30 (0.300 / 0.216 tuned) and
-separation bands only where nuclei touch (``targets.contact_dilation = 2`` without the
-bands on every contour: 0.294 / 0.219), against the config's 0.314 / 0.251.
+The default model is configs/demo.py's (docs/learning.md §21-23, §26): TSFD-Net's gating, FR
+blocks and interlinked decoders at C_GB = 16 on the plain convolutional encoder, without BiFPNs,
+run at the tiles' own size: random 128-px crops at a 128 input, the input skip
+(``model.input_skip = 16``) giving logits at the input, i.e. the label, resolution, so no x2
+input; validated on the whole 256-px tiles. Against the compound-scaled-down EfficientNet with
+2 BiFPNs at the paper's x2 input that this config used before (``demo.cpu_model``, still the
+base it changes), on the same held-out images: +0.06 tuned bPQ and +0.04 mPQ at 10 minutes,
+0.314 / 0.251 -> 0.339 / 0.268 at 38 minutes (3800 steps instead of 2600, each 0.55-0.65 s
+instead of 0.8-1.2). Changed from the paper as well, each from the ablations at equal budget
+on held-out source images (docs/learning.md): ``demo.small_data_recipe`` (AdamW 2e-3 instead
+of SGD, 3 x BCE on the boundary instead of focal Tversky + Combo; the 'markers'
+post-processing, tuned on validation by ``evaluate --tune``), BatchNorm momentum 0.9; the stem
+skip (``model.stem_skip = 16``) and 6-px separation bands between touching nuclei
+(``targets.boundary_dilation = 2``): together 0.195 -> 0.234 bPQ and 0.101 -> 0.154 mPQ at 10
+minutes (sections 9-10); no dropout or drop-connect (the paper: 0.2 each): 0.242 -> 0.272 bPQ
+and 0.198 -> 0.229 mPQ at 40 minutes (section 16); evaluated and predicted with the four flips
+of each tile averaged (``eval.tta = "flips"``; not in the paper): +0.02-0.03 bPQ and +0.01-0.02
+mPQ (section 18). Its tuning also searches how far nuclei grow from their cores and from what
+size foreground without a core is kept (``postprocess.max_growth``, ``postprocess.orphan_size``,
+section 19). What configs/demo.py gained from and this config did not (section 24): the
+boundary BCE weighted 30 and separation bands only where nuclei touch
+(``targets.contact_dilation``), each 0.01-0.02 bPQ below at 40 minutes.
 
   python -m tsfd_jax train --config configs/consep.py --workdir runs/consep \
       --config.data.root ../shared/data/consep/train
   python -m tsfd_jax evaluate --workdir runs/consep --tune --name val
 
-Speed on the 2 CPU cores: about 0.8-1.0 s per train step of 8 crops; the 2600 steps took 36-42
-minutes, compile and validations included. Measured at that budget: RESULTS.md ("CoNSeP,
-without dropout at 40 minutes"). The model stays far below HoVer-Net and below StarDist
-trained for a quarter of the time (docs/learning.md §9, §11): a CPU starting point for
-measuring what helps on real data, not a usable CoNSeP model.
+Speed on the 2 CPU cores: about 0.55-0.65 s per train step of 8 crops; the 3800 steps took 38
+minutes, compile and validations included (RESULTS.md, "CoNSeP, the demo's model at the tiles'
+size"). The model stays far below HoVer-Net, and below the reference UNet at equal time
+(docs/learning.md §26: 0.295 / 0.184 against the UNet's 0.354 / 0.214 tuned at 10 minutes): a
+CPU starting point for measuring what helps on real data, not a usable CoNSeP model.
 
 Variant ``:paper`` is the paper's network (B4, C_GB = 160, 3 BiFPNs, 512 input, batch 16,
 150 epochs of the training tiles, 3-epoch warm-up) on the same data, for a GPU. The variants of
@@ -81,11 +77,9 @@ def get_config(arg: str | None = None):
     d.global_batch_size = 8
     d.eval_batch_size = 16
     d.num_workers = 0                # reading prepared records is cheap; workers cost start-up
-    # Random 128-px crops of the 256-px tiles at the paper's x2 input: outputs at the label
-    # size, the cost per step of a 256 input (docs/learning.md section 6); validation on the
-    # whole 256-px tiles (512 input).
+    # Random 128-px crops of the 256-px tiles (docs/learning.md section 6); validation on the
+    # whole 256-px tiles.
     d.image_size = 128
-    c.input.size = 256
 
     demo.cpu_model(c)
     demo.small_data_recipe(c, min_size=16)
@@ -98,10 +92,18 @@ def get_config(arg: str | None = None):
     c.model.drop_connect_rate = 0.0
     c.model.gating_dropout = 0.0
     c.model.node_dropout = 0.0
-    c.total_steps = 2600             # 36-42 minutes on the 2 CPU cores (RESULTS.md)
+    # The demo's model (plain encoder, no BiFPN, C_GB 16) at the tiles' own size, the input
+    # skip giving logits at the label size: +0.025 bPQ and +0.017 mPQ at 38 minutes, +0.06 /
+    # +0.04 at 10 (docs/learning.md §26).
+    c.model.backbone = "plain"
+    c.model.num_bifpn = 0
+    c.model.gating_channels = 16
+    c.input.size = d.image_size
+    c.model.input_skip = 16
+    c.total_steps = 3800             # about 38 minutes on the 2 CPU cores (RESULTS.md)
     c.log_every_steps = 50
-    c.eval_every_steps = 650
-    c.checkpoint_every_steps = 650
+    c.eval_every_steps = 950
+    c.checkpoint_every_steps = 950
     c.keep_checkpoints = 1
     c.eval_max_images = 0            # the whole validation split (96 tiles)
     # evaluate and predict average the model over the four flips of each tile: +0.02-0.03 bPQ

@@ -195,7 +195,9 @@ def test_consep_config():
                                   "spindle-shaped")
     assert c.data.tissue_names == () and not c.model.tissue_head
     assert (c.data.train_split, c.data.val_split, c.data.test_split) == ("train", "val", "val")
-    assert c.data.image_size == 128 and c.input.size == 256  # crops at the paper's x2 input
+    # 128-px crops at their own size, logits at the input resolution (docs/learning.md §26)
+    assert c.data.image_size == 128 and c.input.size == 128 and c.model.input_skip == 16
+    assert c.model.backbone == "plain" and c.model.num_bifpn == 0
     p = consep.get_config("paper")
     assert p.data.image_size == 256 and p.input.size == 512 and p.model.gating_channels == 160 and not p.model.tissue_head
     assert p.total_steps == 150 * consep.TRAIN_TILES // 16
@@ -228,10 +230,10 @@ def test_consep_config_fits_the_real_tiles(shared_data, tmp_path):
     train, val = load_split(cfg, tmp_path / "run", "train"), load_split(cfg, tmp_path / "run", "val")
     assert len(train) == 16 and len(val) == 16
     assert len(load_split(cfg, tmp_path / "run", "test")) == 16
-    # 128-px crops for training; validation on the whole 256-px tiles at the x2 input
+    # 128-px crops for training; validation on the whole 256-px tiles at their own size
     assert load_train(cfg, tmp_path / "run")[1] == 128
     ecfg, vsrc = load_eval_split(cfg, tmp_path / "run", "val")
-    assert (ecfg.data.image_size, ecfg.input.size, len(vsrc)) == (256, 512, 16)
+    assert (ecfg.data.image_size, ecfg.input.size, len(vsrc)) == (256, 256, 16)
 
 
 # ---- one train step per model structure ------------------------------------------------------
@@ -272,12 +274,12 @@ STRUCTURES = _structures()
 
 def test_structures_are_grouped_as_expected():
     sizes = sorted(len(v) for v in STRUCTURES.values())
-    # exp1, exp2, exp4, exp5, rgb, rgb_he, res256, res768 alone; consep and consep:paper shrink
-    # to one structure (4 classes, no tissue head, the x2 input); the paper model shared by
-    # exp3, exp6, rgb_her, drop_r, the six loss rows and res512.
-    assert len(STRUCTURES) == 10 and sizes == [1] * 8 + [2, 11]
-    assert sorted(next(v for v in STRUCTURES.values() if len(v) == 2)) == ["consep",
-                                                                         "consep:paper"]
+    # exp1, exp2, exp4, exp5, rgb, rgb_he, res256, res768 alone; consep (no BiFPN, the tiles'
+    # own size) and consep:paper (the x2 input) alone, both with 4 classes and no tissue head;
+    # the paper model shared by exp3, exp6, rgb_her, drop_r, the six loss rows and res512.
+    assert len(STRUCTURES) == 11 and sizes == [1] * 10 + [11]
+    alone = {v[0] for v in STRUCTURES.values() if len(v) == 1}
+    assert {"consep", "consep:paper"} <= alone
 
 
 def _random_state(cfg, model, tx, seed: int = 0):
@@ -354,8 +356,9 @@ def test_model_and_loss_trace_per_structure(names):
     inputs, out, total, terms = jax.eval_shape(forward_loss, abstract, batch)
     s, labels = int(cfg.input.size), len(cfg.data.label_names)
     assert inputs.shape == (2, s, s, channels)
-    assert out["seg_logits"].shape == (2, s // 2, s // 2, labels)
-    assert out["boundary_logits"].shape == (2, s // 2, s // 2, 1)
+    o = s if cfg.model.input_skip else s // 2  # the input skip: logits at the input size
+    assert out["seg_logits"].shape == (2, o, o, labels)
+    assert out["boundary_logits"].shape == (2, o, o, 1)
     assert ("tissue_logits" in out) == ("loss_tissue" in terms) == bool(cfg.model.tissue_head)
     assert total.shape == ()
 
