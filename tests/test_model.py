@@ -783,3 +783,31 @@ def test_plain_encoder_matches_conv_bn_relu_blocks_and_tsfd_strides():
     cfg.model.plain_features = (4, 4, 6)
     with pytest.raises(ValueError, match="needs 5 widths"):
         build_model(cfg)
+
+
+def test_decoders_from_the_stem_end_at_stride_2_and_refuse_the_stem_skip():
+    """``model.taps`` led by "stem" (the paper's P1 level, docs/model.md item 14): the gating
+    reads the stem's stride-2 features, the decoders end at stride 2 and the heads' logits come
+    out at the input resolution without an input skip. The stem skip, which refines logits at
+    stride 2, is refused with a message that names it."""
+    widths = (5, 4, 6, 8, 8)  # the stem's 5 channels appear nowhere else
+    cfg = tiny_cfg(backbone="plain", plain_features=widths,
+                   taps=("stem", "s4", "s8", "s16a", "s16b", "s32a"), stem_skip=0)
+    model = build_model(cfg)
+    shape = input_shape(cfg, batch=1)
+    logits, variables = jax.eval_shape(lambda: model.init_with_output(
+        jax.random.key(0), jnp.zeros(shape), train=False))
+    assert logits["seg_logits"].shape[1:3] == shape[1:3]
+    assert logits["boundary_logits"].shape[1:3] == shape[1:3]
+    gating = variables["params"]["gating"]
+    first = jax.tree.leaves(gating[sorted(gating)[0]])
+    assert any(a.ndim == 4 and a.shape[2] == widths[0] for a in first)  # the stem's channels
+    default_taps = tiny_cfg(backbone="plain", plain_features=widths)
+    half, hv = jax.eval_shape(lambda: build_model(default_taps).init_with_output(
+        jax.random.key(0), jnp.zeros(shape), train=False))
+    assert half["seg_logits"].shape[1] == shape[1] // 2
+    first = jax.tree.leaves(hv["params"]["gating"][sorted(gating)[0]])
+    assert not any(a.ndim == 4 and a.shape[2] == widths[0] for a in first)
+    cfg.model.stem_skip = 8
+    with pytest.raises(ValueError, match="stem_skip"):
+        build_model(cfg)

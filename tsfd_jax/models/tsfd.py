@@ -204,6 +204,10 @@ def build_model(cfg) -> nn.Module:
     taps = tuple(m.taps)
     if not taps or taps == DEFAULT_TAPS:
         taps = PLAIN_TAPS if plain else stage_end_taps(width, depth)
+    if int(m.stem_skip) and "stem" in taps:
+        raise ValueError("model.stem_skip refines logits at the stem's stride 2, but with 'stem' "
+                         "among model.taps the decoders already end there and the heads at the "
+                         "input resolution; set model.stem_skip=0")
     num_tissues = len(cfg.data.tissue_names)
     if m.tissue_head and num_tissues < 2:
         raise ValueError("model.tissue_head needs at least 2 data.tissue_names "
