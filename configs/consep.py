@@ -108,7 +108,7 @@ def get_config(arg: str | None = None):
     # at 10 minutes, +0.054 / +0.066 at 40 (docs/learning.md §27).
     c.model.taps = ("stem", "s4", "s8", "s16a", "s16b", "s32a")
     c.loss.seg = "ce"
-    c.total_steps = 3800             # about 38 minutes on the 2 CPU cores (RESULTS.md)
+    c.total_steps = 3800             # 38-40 minutes on the 2 CPU cores (RESULTS.md)
     c.log_every_steps = 50
     c.eval_every_steps = 950
     c.checkpoint_every_steps = 950
