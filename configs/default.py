@@ -173,12 +173,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     p.split_depth = 0.0           # markers: also split cores at distance peaks this deep (px)
     p.max_growth = 0.0            # markers: grow cores at most this far (px); 0 = no limit
     p.orphan_size = 0             # markers: keep foreground no core reached from this size (px)
+    p.basin_depth = 0.0           # markers: split cores at boundary-probability basins this deep
 
     c.eval = e = ml_collections.ConfigDict()
     e.match_iou = 0.5
     e.detection_radius = 12.0
     e.tune_max_images = 0         # evaluate --tune: first N validation images searched (0 = all)
     e.tune_methods = ("paper", "markers")  # evaluate --tune: post-processing methods searched
+    e.tune_fixed = ()             # evaluate --tune: postprocess settings kept, not searched
     e.tta = "none"                # evaluate and predict: none | flips | dihedral (test-time aug.)
 
     if arg:

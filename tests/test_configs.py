@@ -198,6 +198,9 @@ def test_consep_config():
     # 128-px crops at their own size, logits at the input resolution (docs/learning.md §26)
     assert c.data.image_size == 128 and c.input.size == 128 and c.model.input_skip == 16
     assert c.model.backbone == "plain" and c.model.num_bifpn == 0
+    # the decoders from the stem (stride 2) and cross-entropy classes (docs/learning.md §27)
+    assert tuple(c.model.taps)[0] == "stem" and c.model.stem_skip == 0 and c.loss.seg == "ce"
+    assert c.model.drop_connect_rate == c.model.gating_dropout == c.model.node_dropout == 0.0
     p = consep.get_config("paper")
     assert p.data.image_size == 256 and p.input.size == 512 and p.model.gating_channels == 160 and not p.model.tissue_head
     assert p.total_steps == 150 * consep.TRAIN_TILES // 16

@@ -94,6 +94,55 @@ def test_split_depth_keeps_an_elongated_nucleus_whole():
     assert out.num_instances == 1
 
 
+def _ringed_nuclei(contact: float, noise: float = 0.0, seed: int = 0, size: int = 64):
+    """Two touching discs in one foreground blob whose boundary map is a ring around each
+    nucleus (0.6 on the rims, 0.15 inside, ``noise`` of texture on top) that on the contact
+    between them only reaches ``contact``: the map of a gland a small model draws."""
+    yy, xx = np.mgrid[:size, :size]
+    d1 = np.hypot(yy - 32, xx - 21)
+    d2 = np.hypot(yy - 32, xx - 43)
+    fg = (d1 <= 11) | (d2 <= 11)
+    seg = np.zeros((size, size, 3), np.float32)
+    seg[..., 0] = np.where(fg, 0.1, 0.9)
+    seg[..., 1] = 1 - seg[..., 0]
+    rim = np.minimum(np.abs(d1 - 10), np.abs(d2 - 10)) <= 1.5
+    bdr = np.where(rim, 0.6, 0.15).astype(np.float32)
+    bdr[rim & (np.abs(xx - 32) <= 3)] = contact
+    bdr += noise * np.random.default_rng(seed).standard_normal(bdr.shape).astype(np.float32)
+    return seg, bdr
+
+
+@pytest.mark.parametrize("contact", [0.35, 0.45])
+def test_basin_depth_splits_nuclei_at_rings_under_the_boundary_threshold(contact):
+    seg, bdr = _ringed_nuclei(contact)
+    base = PostprocessParams(method="markers", min_size=4, boundary_threshold=0.9)
+    plain = postprocess(seg, bdr, base)
+    split = postprocess(seg, bdr, dataclasses.replace(base, basin_depth=0.15))
+    assert plain.num_instances == 1  # no boundary pixel above 0.9: one core, one nucleus
+    assert split.num_instances == 2
+    assert split.inst[32, 21] != split.inst[32, 43]
+    assert ((split.inst > 0) == (plain.inst > 0)).all()  # the foreground is only divided
+    # the basins deeper than the contact is high keep the nuclei whole (nothing to split)
+    deep = postprocess(seg, bdr, dataclasses.replace(base, basin_depth=contact - 0.1))
+    assert deep.num_instances == 1
+
+
+def test_basin_depth_ignores_texture_shallower_than_the_depth():
+    seg, bdr = _ringed_nuclei(0.6, noise=0.02, seed=3)
+    base = PostprocessParams(method="markers", min_size=4, boundary_threshold=0.9)
+    assert postprocess(seg, bdr, dataclasses.replace(base, basin_depth=0.2)).num_instances == 2
+    assert postprocess(seg, bdr, dataclasses.replace(base, basin_depth=0.01)).num_instances > 2
+
+
+def test_basin_and_distance_splitting_are_exclusive_in_config_and_search():
+    with pytest.raises(ValueError, match="split_depth and postprocess.basin_depth"):
+        PostprocessParams.of({"method": "markers", "split_depth": 2.0, "basin_depth": 0.3})
+    seg, bdr = _ringed_nuclei(0.35)
+    with pytest.raises(ValueError, match="both set"):
+        postprocess(seg, bdr, PostprocessParams(method="markers", split_depth=2.0,
+                                                basin_depth=0.3))
+
+
 def test_max_growth_keeps_nuclei_to_their_cores_where_the_foreground_runs_on():
     # Two nuclei whose boundary rims are predicted, lying in a foreground blob that also covers
     # the tissue between them (a gland): unlimited, the flood gives that tissue to the nuclei.
@@ -164,6 +213,35 @@ def test_search_in_worker_processes_chooses_as_one_process_does():
     one = search(cfg, data, "mPQ")
     two = search(cfg, data, "mPQ", workers=2)
     assert one == two
+
+
+def test_search_never_sets_both_ways_of_splitting():
+    # Started from distance splitting: the basin candidates are skipped until it is off.
+    cfg = default.get_config()
+    cfg.postprocess.method, cfg.postprocess.split_depth = "markers", 2.0
+    seg, bdr = _ringed_nuclei(0.35)
+    inst = np.zeros(bdr.shape, np.int32)
+    inst[:, :32], inst[:, 32:] = 1, 2
+    inst[seg[..., 0] > 0.5] = 0
+    truth = to_pannuke_masks(inst, np.where(inst > 0, 1, 0), 2)
+    data = {"seg": seg[None], "boundary": bdr[None], "truth": truth[None],
+            "tissue": np.zeros(1, np.int64)}
+    cfg.data.label_names = cfg.data.label_names[:3]
+    best, tuned, _ = search(cfg, data, "bPQ", methods=("markers",))
+    assert best.splits_once() and tuned["bPQ"] > 0.9
+
+
+def test_fixed_settings_keep_the_config_value_and_unknown_names_are_refused():
+    cfg = default.get_config()
+    data = _uncertain_predictions(3)
+    cfg.postprocess.min_size = 48  # far from what recovers the small synthetic nuclei
+    free, _, _ = search(cfg, data, "mPQ", methods=("markers",))
+    cfg.eval.tune_fixed = ("min_size", "basin_depth")
+    fixed, _, _ = search(cfg, data, "mPQ", methods=("markers",))
+    assert free.min_size != 48 and fixed.min_size == 48 and fixed.basin_depth == 0.0
+    cfg.eval.tune_fixed = ("min_size", "threshold")
+    with pytest.raises(UserError, match="eval.tune_fixed.*threshold"):
+        search(cfg, data, "mPQ")
 
 
 def _workdir(tmp_path, postprocess_json=None):

@@ -21,8 +21,8 @@ from tsfd_jax.evaluate_images import evaluate_folder, write_folder_report
 from tsfd_jax.postprocess import PostprocessParams
 from tsfd_jax.predict import make_predict_fn
 from tsfd_jax.report import write_report
-from tsfd_jax.tune import (collect, default_workers, load_tuned, save_tuned, search,
-                           tuned_methods, tuned_metric)
+from tsfd_jax.tune import (collect, default_workers, fixed_settings, load_tuned, save_tuned,
+                           search, tuned_methods, tuned_metric)
 
 
 def load_run_config(workdir: Path, tuned: bool = True) -> ml_collections.ConfigDict:
@@ -56,6 +56,7 @@ def tune_workdir(workdir: str | Path, checkpoint: str = "last", max_images: int 
     cfg = load_run_config(workdir, tuned=False)
     apply_eval_overrides(cfg, overrides)
     methods = tuned_methods(cfg)
+    fixed_settings(cfg)  # a wrong name fails before the model runs
     variables, step = restore_variables(workdir, checkpoint)
     cfg, source = load_eval_split(cfg, workdir, "val")
     max_images = max_images or int(cfg.eval.get("tune_max_images", 0)) or None

@@ -110,6 +110,7 @@ class PostprocessParams:
     split_depth: float = 0.0  # markers: split cores at distance-transform peaks this deep (px)
     max_growth: float = 0.0   # markers: grow cores at most this far (px); 0 = the whole foreground
     orphan_size: int = 0      # markers: foreground no core reached kept as nuclei from this size
+    basin_depth: float = 0.0  # markers: split cores at boundary-probability basins this deep
 
     @classmethod
     def of(cls, cfg_pp: Any) -> "PostprocessParams":
@@ -128,7 +129,14 @@ class PostprocessParams:
             raise ValueError(f"postprocess.vote must be one of {VOTES}; got {params.vote!r}")
         if params.method not in METHODS:
             raise ValueError(f"postprocess.method must be one of {METHODS}; got {params.method!r}")
+        if not params.splits_once():
+            raise ValueError("postprocess.split_depth and postprocess.basin_depth split the cores "
+                             "two ways; set one of them (the other 0)")
         return params
+
+    def splits_once(self) -> bool:
+        """At most one way of splitting the cores is on."""
+        return not (self.split_depth > 0 and self.basin_depth > 0)
 
 
 @dataclass
@@ -322,7 +330,11 @@ def marker_instances(seg_prob: np.ndarray, boundary_prob: np.ndarray,
        boundary_threshold, those under max(min_size // 4, 1) px dropped; with ``split_depth``
        > 0 a core is split further at the peaks of its distance transform that stand at least
        ``split_depth`` px above the saddle between them (h-maxima), so touching round nuclei
-       whose shared boundary was predicted too weakly still come apart;
+       whose shared boundary was predicted too weakly still come apart; with ``basin_depth`` > 0
+       a core is split at the basins of the boundary probability inside it that lie at least
+       ``basin_depth`` below the lowest ridge between them (h-minima): the ring a model draws
+       around each nucleus separates touching nuclei even where it stays under
+       ``boundary_threshold``;
     3. a watershed floods the foreground from the markers on the boundary probability (minus
        the distance to the core's edge in px, with ``split_depth``), so touching nuclei split
        along the predicted boundary ridge or the core's neck; with ``max_growth`` > 0 only
@@ -351,6 +363,10 @@ def marker_instances(seg_prob: np.ndarray, boundary_prob: np.ndarray,
     region = fg
     if n and params.max_growth > 0:
         region = fg & (ndi.distance_transform_edt(markers == 0) <= params.max_growth)
+    if not params.splits_once():
+        raise ValueError("postprocess: split_depth and basin_depth both set")
+    if n and params.basin_depth > 0:
+        markers, n = split_at_basins(markers, elevation, float(params.basin_depth))
     if n and params.split_depth > 0:
         markers, n, dist = split_markers(markers, float(params.split_depth))
         elevation = elevation - dist
@@ -372,6 +388,29 @@ def marker_instances(seg_prob: np.ndarray, boundary_prob: np.ndarray,
     probs = mean_probs(inst, p, K, area[ids])
     classes = (np.argmax(probs[:, 1:], axis=1) + 1).astype(np.int32) if K else np.zeros(0, np.int32)
     return Instances(inst=inst, classes=classes, class_probs=probs)
+
+
+def split_at_basins(markers: np.ndarray, elevation: np.ndarray,
+                    depth: float) -> tuple[np.ndarray, int]:
+    """Core components -> (markers, count): one marker per h-minimum (height ``depth``) of the
+    boundary probability ``elevation`` inside each core (the pixels outside the cores as a wall
+    of height 1), or the core itself where it has none."""
+    from skimage.morphology import local_minima, reconstruction  # keeps worker start-up light
+
+    core = markers > 0
+    # Integer levels (1/1024): the reconstruction on floats is sensitive to rounding.
+    walled = np.round(np.where(core, np.clip(elevation, 0.0, 1.0), 1.0) * 1024)
+    # The h-minima transform (basins filled up to ``depth``, Soille 2003 §6.3.3) and its
+    # regional minima: two basins whose ridge lies less than ``depth`` above them become one
+    # flat minimum. (skimage's h_minima instead keeps the bottoms of such a merged basin, two
+    # markers where its floor is level.)
+    filled = reconstruction(walled + round(depth * 1024), walled, method="erosion")
+    basins = local_minima(filled, connectivity=2, allow_borders=True) & core
+    has_basin = np.zeros(int(markers.max()) + 1, bool)
+    has_basin[markers[basins]] = True
+    has_basin[0] = False
+    out, n = ndi.label(basins | (core & ~has_basin[markers]), structure=_EIGHT)
+    return out, n
 
 
 def split_markers(markers: np.ndarray, depth: float) -> tuple[np.ndarray, int, np.ndarray]:

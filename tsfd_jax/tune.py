@@ -4,7 +4,8 @@ The model runs once over the validation images; the post-processing settings are
 on those probabilities for the config's metric (``best_metric`` without ``val_``: mPQ or bPQ),
 as StarDist optimises its thresholds on held-back images. The search is a coordinate descent per
 post-processing method over ``GRID`` (each setting in turn takes its best value while the others
-stay, two sweeps), started from the config's values. The result goes to
+stay, two sweeps), started from the config's values; the settings named in ``eval.tune_fixed``
+keep them. The result goes to
 ``<workdir>/postprocess.json``; ``evaluate`` and ``predict`` use it unless told not to
 (``--untuned``) and ``--config.postprocess.*`` overrides it.
 """
@@ -43,11 +44,12 @@ GRID: dict[str, tuple] = {
     "split_depth": (0.0, 1.0, 2.0, 3.0, 4.0),
     "max_growth": (0.0, 2.0, 3.0, 4.0, 6.0, 8.0),
     "orphan_size": (0, 32, 48, 64, 96, 128),
+    "basin_depth": (0.0, 0.1, 0.2, 0.3, 0.4, 0.5),
 }
 USED_BY = {"paper": ("seg_threshold", "boundary_threshold", "min_size", "closing_size",
                      "erosion_size", "dilation_size", "vote"),
            "markers": ("seg_threshold", "boundary_threshold", "min_size", "split_depth",
-                       "max_growth", "orphan_size")}
+                       "basin_depth", "max_growth", "orphan_size")}
 SWEEPS = 2
 
 
@@ -63,6 +65,16 @@ def tuned_methods(cfg) -> tuple[str, ...]:
         raise UserError(f"eval.tune_methods: {list(methods)} must name some of "
                         f"{', '.join(METHODS)}")
     return methods
+
+
+def fixed_settings(cfg) -> tuple[str, ...]:
+    """The settings the search leaves at the config's value (``eval.tune_fixed``), checked."""
+    fixed = tuple(cfg.eval.get("tune_fixed", ()))
+    unknown = [k for k in fixed if k not in GRID]
+    if unknown:
+        raise UserError(f"eval.tune_fixed: {unknown} are not searched settings "
+                        f"({', '.join(GRID)})")
+    return fixed
 
 
 def collect(cfg, variables: dict, source, max_images: int | None = None) -> dict:
@@ -137,7 +149,8 @@ def default_workers() -> int:
 
 def search(cfg, data: dict, metric: str, workers: int = 0,
            methods: tuple[str, ...] = METHODS) -> tuple[PostprocessParams, dict, dict]:
-    """(best params, their scores, the config's own scores) by coordinate descent.
+    """(best params, their scores, the config's own scores) by coordinate descent; the settings
+    of ``eval.tune_fixed`` keep the config's values.
 
     With ``workers`` > 0 the values of one setting are scored side by side in that many
     processes; the choice is the same as scoring them one after the other (each candidate of
@@ -145,6 +158,7 @@ def search(cfg, data: dict, metric: str, workers: int = 0,
     before the sweep over it starts).
     """
     start = PostprocessParams.of(cfg.postprocess)
+    fixed = fixed_settings(cfg)
     cache: dict[PostprocessParams, dict] = {}
     pool = _CandidatePool(cfg, data, workers) if workers > 0 else None
 
@@ -166,8 +180,10 @@ def search(cfg, data: dict, metric: str, workers: int = 0,
         for method in methods:
             current = dataclasses.replace(start, method=method)
             for _ in range(SWEEPS):
-                for key in USED_BY[method]:
+                for key in (k for k in USED_BY[method] if k not in fixed):
                     candidates = [dataclasses.replace(current, **{key: v}) for v in GRID[key]]
+                    # one way of splitting cores at a time (PostprocessParams.splits_once)
+                    candidates = [p for p in candidates if p.splits_once()]
                     prefetch([current] + candidates)
                     for candidate in candidates:
                         if value(candidate) > value(current):
