@@ -3,9 +3,11 @@
 Every run goes through the project's own pipeline (``loop.train_and_evaluate``, then
 ``evaluate_workdir`` on the config's test split, untuned and with post-processing tuned on the
 validation split, docs/learning.md), so two rows differ only by what their configs change.
-Equal budget: each config's train step is timed first (compile excluded) and its
-``total_steps`` set so that training takes ``--budget-min`` minutes; the whole schedule (warm-up,
-cosine) is then run, so no run is cut off mid-schedule.
+Equal budget: every config's train step is timed before any run trains (compile excluded;
+``--probe-rounds`` probes per run, interleaved across the runs with the order reversed every
+other round, because a VM's speed drifts by a third between minutes: BENCHMARKS.md), and each
+run's ``total_steps`` set from its median so that training takes ``--budget-min`` minutes; the
+whole schedule (warm-up, cosine) is then run, so no run is cut off mid-schedule.
 
 Datasets: ``synthetic`` (PanNuke-format folds written by data/synthetic.py at the configs'
 ``data.synth_image_size``, 256 px for the demo-size configs, which train on random crops of
@@ -91,10 +93,23 @@ def seconds_per_step(cfg, warmup: int = 2, iters: int = 6) -> float:
     return r["s_per_step"]
 
 
-def train_for_budget(cfg, workdir: Path, budget_s: float) -> dict:
+def interleaved_probes(cfgs: list, rounds: int) -> list[list[float]]:
+    """Seconds per step of every config, probed ``rounds`` times, the order reversed every other
+    round (A B, B A, ...): a VM's speed drifts between minutes, and each run's budget in steps
+    must come from the same minutes as the others'."""
+    probes: list[list[float]] = [[] for _ in cfgs]
+    for r in range(max(rounds, 1)):
+        order = range(len(cfgs)) if r % 2 == 0 else reversed(range(len(cfgs)))
+        for i in order:
+            probes[i].append(seconds_per_step(cfgs[i]))
+    return probes
+
+
+def train_for_budget(cfg, workdir: Path, budget_s: float, s_step: float | None = None) -> dict:
+    """Train ``budget_s / s_step`` steps (``s_step`` probed here when not given)."""
     from tsfd_jax.loop import train_and_evaluate
 
-    s_step = seconds_per_step(cfg)
+    s_step = seconds_per_step(cfg) if s_step is None else s_step
     steps = max(int(budget_s / s_step), 10)
     cfg.total_steps = steps
     cfg.optim.warmup_steps = min(int(cfg.optim.warmup_steps), steps // 10)
@@ -229,6 +244,9 @@ def main() -> None:
     p.add_argument("--test-fraction", type=float, default=0.2,
                    help="consep: share of source images held out for the test (not tuned on)")
     p.add_argument("--budget-min", type=float, default=4.0, help="training minutes per run")
+    p.add_argument("--probe-rounds", type=int, default=2,
+                   help="step probes per run before any training, interleaved across the runs "
+                        "(the median sets each run's steps)")
     p.add_argument("--no-tune", action="store_true", help="skip post-processing tuning")
     p.add_argument("--workdir", default="runs/quality", help="folder of the runs")
     p.add_argument("--out", default="", help="JSON file for the results")
@@ -251,7 +269,7 @@ def main() -> None:
     rows = []
     header = (f"{'run':<16} {'steps':>6} {'images':>7} {'train s':>8} {'bPQ':>6} {'mPQ':>6} "
               f"{'Dice':>6} {'F1d':>6} {'bPQ tuned':>9} {'mPQ tuned':>9}  per-class PQ (tuned)")
-    print(header)
+    prepared = []
     for name, spec, overrides in runs:
         cfg = load_config(spec, overrides)
         if args.dataset == "synthetic":
@@ -273,8 +291,14 @@ def main() -> None:
             train_dir, test_dir, test_data = hold_out_images(
                 root, Path(args.data), args.test_fraction, 1, tuple(cfg.data.label_names)[1:])
             cfg.data.root, test_split = str(train_dir), "train"
+        prepared.append((name, spec, overrides, cfg, test_data, test_split))
+    probes = interleaved_probes([p[3] for p in prepared], args.probe_rounds)
+    print(header)
+    for (name, spec, overrides, cfg, test_data, test_split), probed in zip(prepared, probes):
         workdir = root / f"{args.dataset}-{name}"
-        trained = train_for_budget(cfg, workdir, 60.0 * args.budget_min)
+        trained = train_for_budget(cfg, workdir, 60.0 * args.budget_min,
+                                   float(np.median(probed)))
+        trained["s_per_step_probes"] = probed
         test = {"data": str(test_data), "split": test_split}
         untuned = scores(evaluate_workdir(workdir, checkpoint="last", name="untuned",
                                           overwrite=True, tuned=False, **test))
@@ -287,7 +311,7 @@ def main() -> None:
             row["tuned"] = {**tuned, "postprocess": tuned_params}
         rows.append(row)
         t = row.get("tuned", untuned)
-        cls = " ".join(f"{v:.2f}" for v in t["class_PQ"].values())
+        cls = " ".join("-" if v is None else f"{v:.2f}" for v in t["class_PQ"].values())
         print(f"{name:<16} {row['steps']:>6} {row['images_seen']:>7} {row['train_wall_s']:>8.0f} "
               f"{untuned['bPQ']:>6.3f} {untuned['mPQ']:>6.3f} {untuned.get('dice', 0):>6.3f} "
               f"{untuned['det_F1']:>6.3f} {t['bPQ']:>9.3f} {t['mPQ']:>9.3f}  {cls}", flush=True)

@@ -485,3 +485,16 @@ def test_error_kinds_sorts_every_true_nucleus(tmp_path):
     assert {k: kinds["all"][k] for k in error_kinds.KINDS} == {
         "matched": 1, "missed": 1, "merged": 2, "too_large": 1, "fragmented": 1}
     assert kinds["class1"]["merged"] == 2 and kinds["class0"]["missed"] == 1
+
+
+def test_step_probes_interleave_the_runs_in_alternating_order(monkeypatch):
+    calls = []
+
+    def fake_probe(cfg):
+        calls.append(cfg)
+        return float(len(calls))
+
+    monkeypatch.setattr(bench_quality, "seconds_per_step", fake_probe)
+    probes = bench_quality.interleaved_probes(["a", "b"], rounds=3)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert probes == [[1.0, 4.0, 5.0], [2.0, 3.0, 6.0]]
