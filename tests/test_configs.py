@@ -201,7 +201,9 @@ def test_consep_config():
     # the decoders from the stem (stride 2) and cross-entropy classes (docs/learning.md §27)
     assert tuple(c.model.taps)[0] == "stem" and c.model.stem_skip == 0 and c.loss.seg == "ce"
     assert c.model.drop_connect_rate == c.model.gating_dropout == c.model.node_dropout == 0.0
+    assert c.data.sampling == "class"  # docs/learning.md §29
     p = consep.get_config("paper")
+    assert p.data.sampling == ""  # the paper samples uniformly
     assert p.data.image_size == 256 and p.input.size == 512 and p.model.gating_channels == 160 and not p.model.tissue_head
     assert p.total_steps == 150 * consep.TRAIN_TILES // 16
     with pytest.raises(ValueError, match="unknown variant"):
