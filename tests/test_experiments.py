@@ -8,7 +8,8 @@ run (train + evaluate subprocesses on synthetic PanNuke data, then the tables) i
 compiling even the tiny model's train step takes minutes on a busy 2-core CPU. The StarDist row
 is tested without StarDist: the scoring of saved predictions against hand-computed and reference
 numbers, the rules experiments/stardist_row.py restates from tsfd_jax/data/folders.py, its
-conversion of StarDist's output, and the skip line.
+conversion of StarDist's output, and the skip line. The pooling of experiments/bn_reestimate.py
+is tested on a toy model against numpy's statistics of all batches together.
 """
 
 from __future__ import annotations
@@ -498,3 +499,46 @@ def test_step_probes_interleave_the_runs_in_alternating_order(monkeypatch):
     probes = bench_quality.interleaved_probes(["a", "b"], rounds=3)
     assert calls == ["a", "b", "b", "a", "a", "b"]
     assert probes == [[1.0, 4.0, 5.0], [2.0, 3.0, 6.0]]
+
+
+def test_bn_reestimate_pools_population_statistics_over_batches():
+    """A BatchNorm on the raw inputs, measured over three batches whose means differ, holds
+    the mean and (biased) variance of all their samples together (numpy, float64), not the
+    mean of the per-batch variances; a nested BatchNorm further in gets its statistics too."""
+    import flax.linen as nn
+    import jax
+
+    from experiments.bn_reestimate import population_statistics
+
+    class Inner(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            return nn.BatchNorm(use_running_average=not train, momentum=0.0)(nn.Dense(3)(x))
+
+    class Toy(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.0, name="first")(x)
+            return Inner(name="inner")(x, train)
+
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(loc, scale, (16, 4)).astype(np.float32)
+               for loc, scale in ((0.0, 1.0), (3.0, 0.5), (-2.0, 2.0))]
+    model = Toy()
+    variables = model.init(jax.random.key(0), batches[0], train=False)
+
+    def batch_statistics(x):
+        _, new = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        return new["batch_stats"]
+
+    stats = population_statistics(batch_statistics, iter(batches))
+    pooled = np.concatenate(batches).astype(np.float64)
+    np.testing.assert_allclose(stats["first"]["mean"], pooled.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["first"]["var"], pooled.var(0), rtol=1e-5)
+    mean_of_vars = np.mean([b.astype(np.float64).var(0) for b in batches], 0)
+    assert np.all(np.abs(stats["first"]["var"] - mean_of_vars) > 0.5)
+    assert set(stats) == {"first", "inner"}
+    (layer,) = stats["inner"].values()
+    assert layer["mean"].shape == layer["var"].shape == (3,)
+    with pytest.raises(ValueError, match="no batches"):
+        population_statistics(batch_statistics, iter([]))
