@@ -181,6 +181,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     e.tune_max_images = 0         # evaluate --tune: first N validation images searched (0 = all)
     e.tune_methods = ("paper", "markers")  # evaluate --tune: post-processing methods searched
     e.tune_fixed = ()             # evaluate --tune: postprocess settings kept, not searched
+    e.tune_metric = ""            # evaluate --tune: mPQ | bPQ searched for ("": best_metric's)
     e.tta = "none"                # evaluate and predict: none | flips | dihedral (test-time aug.)
 
     if arg:

@@ -295,3 +295,22 @@ def test_search_of_one_method_only_returns_that_method():
     cfg = default.get_config()
     best, _, _ = search(cfg, _uncertain_predictions(3), "mPQ", methods=("paper",))
     assert best.method == "paper"
+
+
+def test_tuned_metric_is_the_override_else_best_metric_and_a_wrong_name_fails_early(tmp_path):
+    from tsfd_jax.evaluate_run import tune_workdir
+    from tsfd_jax.tune import tuned_metric
+
+    cfg = default.get_config().to_dict()
+    cfg["best_metric"] = "val_bPQ"
+    del cfg["eval"]["tune_metric"]                # a run trained before the setting existed
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    run_cfg = load_run_config(tmp_path)
+    assert tuned_metric(run_cfg) == "bPQ"
+    run_cfg.eval.tune_metric = "mPQ"
+    assert tuned_metric(run_cfg) == "mPQ"
+    run_cfg.best_metric = "val_loss"              # not a PQ: the tuner falls back to mPQ
+    run_cfg.eval.tune_metric = ""
+    assert tuned_metric(run_cfg) == "mPQ"
+    with pytest.raises(UserError, match="eval.tune_metric.*'AJI'"):  # before any checkpoint
+        tune_workdir(tmp_path, overrides=["--config.eval.tune_metric=AJI"])

@@ -42,7 +42,7 @@ ADDED_FIELDS = {("model", "depthwise_impl"): "auto", ("model", "arch"): "tsfd",
                 ("model", "node_pointwise"): False, ("input", "rgb_scaling"): "fixed",
                 ("eval", "tta"): "none", ("postprocess", "max_growth"): 0.0,
                 ("postprocess", "orphan_size"): 0, ("postprocess", "basin_depth"): 0.0,
-                ("eval", "tune_fixed"): (),
+                ("eval", "tune_fixed"): (), ("eval", "tune_metric"): "",
                 ("model", "skip_depth"): 1, ("model", "align_taps"): False,
                 ("model", "fused_stages"): 0,
                 ("model", "plain_features"): (16, 32, 64, 64, 64)}

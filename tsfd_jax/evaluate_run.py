@@ -57,12 +57,12 @@ def tune_workdir(workdir: str | Path, checkpoint: str = "last", max_images: int 
     apply_eval_overrides(cfg, overrides)
     methods = tuned_methods(cfg)
     fixed_settings(cfg)  # a wrong name fails before the model runs
+    metric = tuned_metric(cfg)
     variables, step = restore_variables(workdir, checkpoint)
     cfg, source = load_eval_split(cfg, workdir, "val")
     max_images = max_images or int(cfg.eval.get("tune_max_images", 0)) or None
     workers = default_workers() if workers is None else workers
     data = collect(cfg, variables, source, max_images)
-    metric = tuned_metric(cfg)
     best, tuned, untuned = search(cfg, data, metric, workers, methods)
     result = {"postprocess": asdict(best), "tta": str(cfg.eval.tta), "metric": metric,
               "split": str(cfg.data.val_split), "images": int(len(data["seg"])),

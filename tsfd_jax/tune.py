@@ -1,7 +1,8 @@
 """Post-processing tuned on the validation split, stored in the workdir (docs/learning.md).
 
 The model runs once over the validation images; the post-processing settings are then searched
-on those probabilities for the config's metric (``best_metric`` without ``val_``: mPQ or bPQ),
+on those probabilities for the config's metric (``eval.tune_metric``, else ``best_metric`` without
+``val_``: mPQ or bPQ),
 as StarDist optimises its thresholds on held-back images. The search is a coordinate descent per
 post-processing method over ``GRID`` (each setting in turn takes its best value while the others
 stay, two sweeps), started from the config's values; the settings named in ``eval.tune_fixed``
@@ -53,9 +54,20 @@ USED_BY = {"paper": ("seg_threshold", "boundary_threshold", "min_size", "closing
 SWEEPS = 2
 
 
+TUNABLE_METRICS = ("mPQ", "bPQ")
+
+
 def tuned_metric(cfg) -> str:
+    """``eval.tune_metric`` if set (checked), else ``best_metric`` when it names mPQ or bPQ,
+    else mPQ."""
+    chosen = str(cfg.get("eval", {}).get("tune_metric", "") or "")
+    if chosen:
+        if chosen not in TUNABLE_METRICS:
+            raise UserError(f"eval.tune_metric: {chosen!r} must be one of "
+                            f"{', '.join(TUNABLE_METRICS)} (or empty: the config's best_metric)")
+        return chosen
     name = str(cfg.best_metric or "").removeprefix("val_")
-    return name if name in ("mPQ", "bPQ") else "mPQ"
+    return name if name in TUNABLE_METRICS else "mPQ"
 
 
 def tuned_methods(cfg) -> tuple[str, ...]:
