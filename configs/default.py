@@ -146,6 +146,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     o.weight_decay = 5e-4         # on conv/dense kernels only
     o.l2_fusion = 0.0             # authors' code 4e-5: L2 on gating + fusion depthwise kernels
     o.grad_clip = 0.0             # 0 = off (paper: none)
+    o.ema_decay = 0.0             # evaluate a moving average of the weights; 0 = off (paper)
 
     # ---- loop ---------------------------------------------------------------------------
     c.total_steps = 150 * 5675 // 16   # 150 epochs of the released train list (authors' code)

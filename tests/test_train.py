@@ -174,3 +174,57 @@ def test_fetch_gives_numpy_and_keeps_prng_keys():
     assert isinstance(out["x"], np.ndarray)
     np.testing.assert_array_equal(np.asarray(jax.random.key_data(out["rng"])),
                                   np.asarray(jax.random.key_data(jax.random.key(3))))
+
+
+def test_ema_is_the_ramped_moving_average_of_every_step_and_evaluation_uses_it(tmp_path):
+    """optim.ema_decay: after each step the average equals a float64 numpy recurrence over the
+    trained variables of every step, with TensorFlow's ramp min(decay, (1+t)/(10+t)); a
+    checkpoint of that state is evaluated with the average, one without it with its variables."""
+    from tsfd_jax import checkpoints
+
+    cfg = tiny_config(batch=4)
+    cfg.optim.ema_decay = 0.5
+    # The reference UNet (BatchNorm too) compiles in a fraction of TSFD-Net's time; the
+    # average does not depend on the network.
+    cfg.model.arch, cfg.model.unet_features = "unet", (8, 16)
+    mesh = parallel.make_mesh(("data",), jax.devices()[:1])
+    repl = parallel.replicated(mesh)
+    model = build_model(cfg)
+    tx = make_optimizer(cfg)
+    state = init_state(cfg, model, tx, jax.random.key(0), repl)
+    start = jax.device_get(state.variables())
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.ema), start)
+    step = jax.jit(make_train_step(cfg, model, tx, make_preprocess_fn(cfg)),
+                   in_shardings=(repl, parallel.batch_sharded(mesh)), out_shardings=(repl, repl),
+                   donate_argnums=(0,))
+    expected = jax.tree.map(lambda x: np.asarray(x, np.float64), start)
+    for t in range(4):  # decays 1/10, 2/11, 3/12, then 0.5: the ramp and the plateau
+        state, _ = step(state, to_global(disc_batch(4, 32, seed=t), mesh))
+        d = min(0.5, (1 + t) / (10 + t))
+        trained = jax.device_get(state.variables())
+        expected = jax.tree.map(lambda e, v: d * e + (1 - d) * np.asarray(v, np.float64),
+                                expected, trained)
+    ema = jax.device_get(state.ema)
+    for got, want in zip(jax.tree.leaves(ema), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-7)
+    # The average is not the trained variables (so the comparison above is not vacuous).
+    assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+               zip(jax.tree.leaves(ema), jax.tree.leaves(trained))) > 1e-4
+    assert state.eval_variables() is state.ema
+
+    for name, saved in (("with", state), ("without", state.replace(ema=None))):
+        manager = checkpoints.make_manager(tmp_path / name, 1, None)
+        manager.save(4, args=checkpoints.ocp.args.Composite(
+            state=checkpoints.ocp.args.StandardSave(saved)))
+        manager.wait_until_finished()
+        manager.close()
+        variables, _ = checkpoints.restore_variables(tmp_path / name, "last")
+        want = ema if name == "with" else trained
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(variables), want)
+
+
+def test_ema_decay_outside_zero_to_one_is_refused():
+    cfg = tiny_config()
+    cfg.optim.ema_decay = 1.0
+    with pytest.raises(ValueError, match="optim.ema_decay"):
+        make_optimizer(cfg)

@@ -45,7 +45,8 @@ ADDED_FIELDS = {("model", "depthwise_impl"): "auto", ("model", "arch"): "tsfd",
                 ("eval", "tune_fixed"): (), ("eval", "tune_metric"): "",
                 ("model", "skip_depth"): 1, ("model", "align_taps"): False,
                 ("model", "fused_stages"): 0,
-                ("model", "plain_features"): (16, 32, 64, 64, 64)}
+                ("model", "plain_features"): (16, 32, 64, 64, 64),
+                ("optim", "ema_decay"): 0.0}
 
 
 def config_json(cfg) -> str:
@@ -166,7 +167,8 @@ def _restored_key(ckpt: Path, step: int) -> tuple | None:
 
 
 def restore_variables(workdir: Path, which: str | int = "best") -> tuple[dict, int]:
-    """Model variables (params, batch_stats) of a finished or running workdir, for evaluation."""
+    """Model variables (params, batch_stats) of a finished or running workdir, for evaluation:
+    the moving average of them where the run kept one (``optim.ema_decay``)."""
     ckpt = workdir / "checkpoints"
     if not ckpt.is_dir():
         raise UserError(f"{workdir}: not a training workdir (no checkpoints/ folder)")
@@ -181,7 +183,8 @@ def restore_variables(workdir: Path, which: str | int = "best") -> tuple[dict, i
     finally:
         manager.close()
     state = restored["state"]
-    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    # A run with optim.ema_decay is evaluated with its moving average, as its validations were.
+    variables = state.get("ema") or {"params": state["params"], "batch_stats": state["batch_stats"]}
     _last_restored.clear()
     if key is not None:
         _last_restored[key] = variables

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -147,7 +148,7 @@ def _summarise(metrics: list[dict]) -> dict:
 
 def _validate(cfg, source, state, mesh, eval_fn) -> dict:
     """Metrics of ``state`` on the validation source (``cfg`` at its evaluation size)."""
-    result = evaluate_source(cfg, state.variables(), source, mesh=mesh,
+    result = evaluate_source(cfg, state.eval_variables(), source, mesh=mesh,
                              max_images=int(cfg.eval_max_images) or None, with_report=False,
                              eval_fn=eval_fn)
     return {f"val_{k}": v for k, v in result.items() if isinstance(v, (int, float))}
@@ -159,4 +160,6 @@ def _load_init_checkpoint(state, path: str, sharding):
         raise UserError(f"{p}: model.init_checkpoint does not exist")
     variables = merge_backbone(state.variables(), p)
     variables = jax.device_put(variables, sharding)
-    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    ema = None if state.ema is None else jax.tree.map(jnp.copy, variables)
+    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
+                         ema=ema)

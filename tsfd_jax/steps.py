@@ -4,7 +4,9 @@ SGD with momentum 0.9, weight decay on conv/dense kernels only, learning rate li
 the warm-up steps then cosine to 0 at ``total_steps``. One ``jax.jit`` step over a ``data`` mesh:
 state replicated and donated, batch sharded, BatchNorm statistics over the global batch. Everything
 random in a step (augmentation, dropout, stochastic depth) comes from ``fold_in(state.rng, step)``,
-so a resumed run repeats the uninterrupted one exactly.
+so a resumed run repeats the uninterrupted one exactly. With ``optim.ema_decay`` the state also
+carries an exponential moving average of the variables, which validation, the kept checkpoints'
+evaluation and prediction use (not in the paper; docs/learning.md).
 """
 
 from __future__ import annotations
@@ -31,9 +33,16 @@ class TrainState:
     batch_stats: PyTree
     opt_state: PyTree
     rng: jax.Array
+    # {"params", "batch_stats"} averaged over the steps (``optim.ema_decay``); None when off.
+    ema: PyTree = None
 
     def variables(self) -> dict:
+        """The variables being trained."""
         return {"params": self.params, "batch_stats": self.batch_stats}
+
+    def eval_variables(self) -> dict:
+        """The variables to evaluate: the moving average where the run keeps one."""
+        return self.ema if self.ema is not None else self.variables()
 
 
 # ---- optimiser -------------------------------------------------------------------------------
@@ -77,6 +86,8 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     name = str(cfg.optim.name)
     if name not in OPTIMIZERS:
         raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {name!r}")
+    if not 0.0 <= float(cfg.optim.ema_decay) < 1.0:
+        raise ValueError(f"optim.ema_decay must be in [0, 1) (0 = off), got {cfg.optim.ema_decay}")
     schedule = make_schedule(cfg)
     wd = float(cfg.optim.weight_decay)
     parts = []
@@ -97,6 +108,14 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
+def ema_decay(cfg, step: jax.Array) -> jax.Array:
+    """``optim.ema_decay`` ramped in as TensorFlow's ExponentialMovingAverage does with
+    ``num_updates``: min(decay, (1 + t) / (10 + t)), so the first steps' weights, far from
+    trained, do not linger in the average of a short run."""
+    t = step.astype(jnp.float32)
+    return jnp.minimum(float(cfg.optim.ema_decay), (1.0 + t) / (10.0 + t))
+
+
 def create_state(cfg, model, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     """Fresh state (call under ``jax.jit(..., out_shardings=...)`` to build it sharded).
 
@@ -110,9 +129,13 @@ def create_state(cfg, model, tx: optax.GradientTransformation, rng: jax.Array) -
     variables = model.init({"params": params_rng, "dropout": dropout_rng},
                            jnp.zeros(input_shape(cfg), jnp.float32), train=False)
     params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(params), rng=state_rng)
+    batch_stats = variables.get("batch_stats", {})
+    ema = None
+    if float(cfg.optim.ema_decay):
+        # Copies: the average must not share buffers with the trained variables (donation).
+        ema = jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats})
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), rng=state_rng, ema=ema)
 
 
 def init_state(cfg, model, tx: optax.GradientTransformation, rng: jax.Array,
@@ -165,10 +188,15 @@ def make_train_step(cfg, model, tx, preprocess: Callable) -> Callable:
         # rate with a finite loss is the case this catches beyond the loss and gradients).
         ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & jnp.isfinite(lr)
         keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+        ema = state.ema
+        if ema is not None:
+            d = ema_decay(cfg, state.step)
+            ema = keep(jax.tree.map(lambda e, v: d * e + (1.0 - d) * v, ema,
+                                    {"params": params, "batch_stats": batch_stats}), ema)
         new_state = TrainState(
             step=state.step + ok.astype(jnp.int32), params=keep(params, state.params),
             batch_stats=keep(batch_stats, state.batch_stats),
-            opt_state=keep(opt_state, state.opt_state), rng=state.rng)
+            opt_state=keep(opt_state, state.opt_state), rng=state.rng, ema=ema)
         metrics = {"loss": total, **terms, "grad_norm": grad_norm, "lr": lr,
                    "dice": foreground_dice(outputs["seg_logits"], targets["cls"],
                                            targets["weight"]),
