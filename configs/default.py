@@ -90,6 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.unet_features = (16, 32, 64)  # unet only: channels per level
     m.backbone = "b4"             # EfficientNet B0..B7 compound scaling; "plain": not the paper
     m.plain_features = (16, 32, 64, 64, 64)  # plain only: widths at strides 2, 4, 8, 16, 32
+    m.pool_stem = False           # plain only: stem conv at the input size, then max-pool
     m.width_mult = 0.0            # 0 = from the B-variant; else overrides (tiny configs)
     m.depth_mult = 0.0
     m.drop_connect_rate = 0.2     # Keras default stochastic depth
@@ -108,6 +109,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.stem_skip = 0               # not the paper: stem features into the output heads (channels)
     m.input_skip = 0              # not the paper: logits at the input resolution (channels)
     m.skip_depth = 1              # 3x3 conv layers of each stem / input skip
+    m.input_depth = 1             # 3x3 conv layers on the input before the input skip's join
     m.align_taps = False          # not the paper: backbone maps re-centred for the BiFPN's resizes
     m.bn_momentum = 0.99          # BatchNorm running-average decay (Keras default, §1.1)
     m.dtype = "float32"           # float32 | bfloat16 (compute; params stay float32)

@@ -638,6 +638,37 @@ def test_skip_depth_stacks_conv_layers_in_the_skip_and_starts_at_zero():
     assert np.abs(moved["boundary_logits"] - out_plain["boundary_logits"]).max() > 1e-3
 
 
+def test_input_depth_stacks_conv_layers_on_the_input_before_the_join():
+    """model.input_depth = 2: a second 3x3 conv + BN on the input's features (``input_skip_2``,
+    ``input_skip_bn_2``, C -> C) before they are joined to the decoder maps; the first layer keeps
+    its names and shape; the logits still start as the paper heads' bilinear x2, and the second
+    layer's weights reach them once the skip's last conv is non-zero."""
+    cfg = tiny_cfg()
+    cfg.model.input_skip = 8
+    x = jax.random.uniform(jax.random.key(1), input_shape(cfg, 2, 64))
+    shallow_model = build_model(cfg)
+    shallow = shallow_model.init(jax.random.key(0), x, train=False)
+    cfg.model.input_depth = 2
+    deep_model = build_model(cfg)
+    deep = deep_model.init(jax.random.key(0), x, train=False)
+    assert set(deep["params"]) - set(shallow["params"]) == {"input_skip_2", "input_skip_bn_2"}
+    assert deep["params"]["input_skip_2"]["kernel"].shape == (3, 3, 8, 8)
+    assert (deep["params"]["input_skip"]["kernel"].shape
+            == shallow["params"]["input_skip"]["kernel"].shape)
+    out_shallow = shallow_model.apply(shallow, x, train=False)
+    out_deep = deep_model.apply(deep, x, train=False)
+    for k in out_shallow:
+        np.testing.assert_allclose(out_deep[k], out_shallow[k], atol=1e-6)
+    moved = _moved(deep_model, deep, x, "seg_input_skip")
+    kernel = deep["params"]["input_skip_2"]["kernel"]
+    params = {**deep["params"], "input_skip_2": {"kernel": -kernel}}
+    flipped = _moved(deep_model, {**deep, "params": params}, x, "seg_input_skip")
+    assert np.abs(flipped["seg_logits"] - moved["seg_logits"]).max() > 1e-4
+    cfg.model.input_depth = 0
+    with pytest.raises(ValueError, match="input_depth must be at least 1"):
+        build_model(cfg)
+
+
 def test_input_skip_gives_logits_at_the_input_resolution_starting_from_the_bilinear_heads():
     """model.input_skip: at initialisation the logits are the paper heads' bilinear x2 (its
     last convs start at zero), at the input resolution; a non-zero last conv makes the input's
@@ -737,12 +768,14 @@ def test_align_to_input_puts_strided_maps_on_the_half_pixel_grid(levels):
     np.testing.assert_allclose(ndimage.center_of_mass(fixed), centre, atol=0.02)
 
 
-def test_plain_encoder_matches_conv_bn_relu_blocks_and_tsfd_strides():
+@pytest.mark.parametrize("pool_stem", [False, True])
+def test_plain_encoder_matches_conv_bn_relu_blocks_and_tsfd_strides(pool_stem):
     """``model.backbone="plain"``: the reference UNet's conv blocks at EfficientNet's tap strides,
-    against a numpy forward pass (evaluation-mode BatchNorm with random statistics)."""
+    against a numpy forward pass (evaluation-mode BatchNorm with random statistics); the stem's
+    conv at stride 2, or with ``model.pool_stem`` at stride 1 followed by a 2x2 max-pool."""
     from tsfd_jax.models.plain import TAPS, PlainEncoder
 
-    enc = PlainEncoder((4, 4, 6, 8, 8), ("stem",) + TAPS)
+    enc = PlainEncoder((4, 4, 6, 8, 8), ("stem",) + TAPS, pool_stem=pool_stem)
     x = np.random.default_rng(1).uniform(0, 1, (1, 32, 32, 3)).astype(np.float32)
     v = random_variables(jax.eval_shape(lambda: enc.init(jax.random.key(0), x, train=False)),
                          seed=3, stats=True)
@@ -760,8 +793,11 @@ def test_plain_encoder_matches_conv_bn_relu_blocks_and_tsfd_strides():
         return a.reshape(h // 2, 2, w // 2, 2, c).max(axis=(1, 3))
 
     stem = np_conv_same(x[0].astype(np.float64), p["stem_conv"]["kernel"], 0)
-    # 'SAME' stride 2 with a 3x3 kernel on an even size: the window centred on odd pixels.
-    stem = np.maximum(np_bn(stem[1::2, 1::2], p["stem_bn"], s["stem_bn"]), 0)
+    if pool_stem:
+        stem = pool(np.maximum(np_bn(stem, p["stem_bn"], s["stem_bn"]), 0))
+    else:
+        # 'SAME' stride 2 with a 3x3 kernel on an even size: the window centred on odd pixels.
+        stem = np.maximum(np_bn(stem[1::2, 1::2], p["stem_bn"], s["stem_bn"]), 0)
     ref = {"stem": block(stem, "stem")}
     ref["s4"] = block(pool(ref["stem"]), "s4")
     ref["s8"] = block(pool(ref["s4"]), "s8")
@@ -782,6 +818,9 @@ def test_plain_encoder_matches_conv_bn_relu_blocks_and_tsfd_strides():
     assert logits["seg_logits"].shape[1] == shape[1] // 2
     cfg.model.plain_features = (4, 4, 6)
     with pytest.raises(ValueError, match="needs 5 widths"):
+        build_model(cfg)
+    cfg = tiny_cfg(pool_stem=True)
+    with pytest.raises(ValueError, match="pool_stem.*backbone='plain'"):
         build_model(cfg)
 
 

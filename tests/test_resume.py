@@ -1,5 +1,8 @@
 """Exact resume: a tiny run killed with SIGKILL mid-way and restarted from its workdir ends with
-exactly the parameters of an uninterrupted run of the same length (same data order too)."""
+exactly the parameters of an uninterrupted run of the same length (same data order too). The
+runs keep a moving average of the weights (``optim.ema_decay``), which the restored variables
+are: it depends on every step's parameters, so it equals only if the whole trajectory does, and
+it must itself be saved and restored."""
 
 import os
 import signal
@@ -24,7 +27,7 @@ def _train_cmd(workdir: Path, data: Path, prepared: Path) -> list[str]:
             "--workdir", str(workdir), "--no-progress",
             f"--config.data.root={data}", f"--config.data.prepared_dir={prepared}",
             f"--config.total_steps={STEPS}", f"--config.checkpoint_every_steps={EVERY}",
-            "--config.keep_checkpoints=10"]
+            "--config.keep_checkpoints=10", "--config.optim.ema_decay=0.9"]
 
 
 def _env() -> dict:

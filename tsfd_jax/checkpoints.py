@@ -46,7 +46,8 @@ ADDED_FIELDS = {("model", "depthwise_impl"): "auto", ("model", "arch"): "tsfd",
                 ("model", "skip_depth"): 1, ("model", "align_taps"): False,
                 ("model", "fused_stages"): 0,
                 ("model", "plain_features"): (16, 32, 64, 64, 64),
-                ("optim", "ema_decay"): 0.0}
+                ("optim", "ema_decay"): 0.0, ("model", "input_depth"): 1,
+                ("model", "pool_stem"): False}
 
 
 def config_json(cfg) -> str:

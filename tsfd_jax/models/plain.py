@@ -8,6 +8,8 @@ same taps at the same strides as the EfficientNet, so gating, BiFPNs, decoders a
 unchanged:
 
     stem (stride 2: 3x3 conv stride 2 + BN + ReLU, then a block)  features[0]
+      with ``pool_stem``: the 3x3 conv + BN + ReLU at the input resolution, then a 2x2
+      max-pool (as the UNet's first level pools its features, not its input's pixels)
     s4, s8 (P2, P3)                                                features[1], features[2]
     s16a, s16b (P4, P5)                                            features[3] each
     s32a, s32b (P6, P7 = "top")                                    features[4] each
@@ -36,14 +38,19 @@ class PlainEncoder(nn.Module):
     features: tuple[int, ...] = FEATURES
     taps: tuple[str, ...] = TAPS
     layers: Layers = Layers()
+    pool_stem: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
         unknown = [t for t in self.taps if t not in ("stem",) + TAPS]
         if unknown:
             raise ValueError(f"unknown plain-encoder taps {unknown}; one of {('stem',) + TAPS}")
-        x = self.layers.conv(self.features[0], 3, strides=2, use_bias=False, name="stem_conv")(x)
+        stride = 1 if self.pool_stem else 2
+        x = self.layers.conv(self.features[0], 3, strides=stride, use_bias=False,
+                             name="stem_conv")(x)
         x = nn.relu(self.layers.norm(train, "stem_bn")(x))
+        if self.pool_stem:
+            x = max_pool_2x2(x)
         feats = {"stem": ConvBlock(self.features[0], self.layers, name="stem")(x, train)}
         x = feats["stem"]
         for name, stride, width in LEVELS:

@@ -88,6 +88,7 @@ class TSFDNet(nn.Module):
     drop_connect_rate: float = 0.2
     fused_stages: int = 0             # EfficientNetV2's Fused-MBConv in stages 1..N; 0 = the paper
     plain_features: tuple[int, ...] = ()  # widths of a plain encoder instead of EfficientNet
+    pool_stem: bool = False           # plain encoder: stem conv at stride 1, then max-pool
     taps: tuple[str, ...] = DEFAULT_TAPS
     gating_channels: int = 160
     gating_dropout: float = 0.2
@@ -104,6 +105,7 @@ class TSFDNet(nn.Module):
     stem_skip: int = 0                # channels of SkipRefine from the stem; 0 = the paper
     input_skip: int = 0               # channels of SkipRefine from the input; 0 = the paper
     skip_depth: int = 1               # 3x3 conv layers in each SkipRefine
+    input_depth: int = 1              # 3x3 conv layers on the input before the input skip
     align_taps: bool = False          # re-centre the backbone's maps (``align_to_input``)
     boundary_channels: int = 1        # 2 for HoVer-Net's maps (targets.boundary_kind="hv")
     layers: Layers = Layers()         # compute dtype, BatchNorm, depthwise lowering
@@ -113,7 +115,8 @@ class TSFDNet(nn.Module):
         layers = self.layers
         taps = tuple(self.taps) + (("stem",) if self.stem_skip and "stem" not in self.taps else ())
         if self.plain_features:
-            feats = PlainEncoder(self.plain_features, taps, layers, name="backbone")(x, train)
+            feats = PlainEncoder(self.plain_features, taps, layers, self.pool_stem,
+                                 name="backbone")(x, train)
         else:
             feats = EfficientNet(self.width_mult, self.depth_mult, self.drop_connect_rate,
                                  taps, layers, self.fused_stages, name="backbone")(x, train)
@@ -143,9 +146,12 @@ class TSFDNet(nn.Module):
         if self.input_skip:
             # Logits at the input resolution: the bilinear x2 of the heads plus a correction
             # from features of the input itself (docs/model.md, item 10).
-            f = layers.conv(self.input_skip, 3, use_bias=False, kernel_init=glorot_uniform,
-                            name="input_skip")(x)
-            f = nn.silu(layers.norm(train, "input_skip_bn")(f))
+            f = x
+            for k in range(self.input_depth):
+                suffix = f"_{k + 1}" if k else ""  # the first layer keeps its names (checkpoints)
+                f = layers.conv(self.input_skip, 3, use_bias=False, kernel_init=glorot_uniform,
+                                name="input_skip" + suffix)(f)
+                f = nn.silu(layers.norm(train, "input_skip_bn" + suffix)(f))
             full = x.shape[1:3]
             out["seg_logits"] = resize_to(out["seg_logits"], full) + SkipRefine(
                 self.num_labels, self.input_skip, layers, self.skip_depth,
@@ -201,6 +207,11 @@ def build_model(cfg) -> nn.Module:
     if plain and len(m.plain_features) != 5:
         raise ValueError(f"model.plain_features needs 5 widths (strides 2, 4, 8, 16, 32), got "
                          f"{tuple(m.plain_features)}")
+    if bool(m.pool_stem) and not plain:
+        raise ValueError("model.pool_stem changes the plain encoder's stem; it needs "
+                         "model.backbone='plain'")
+    if int(m.input_depth) < 1:
+        raise ValueError(f"model.input_depth must be at least 1, got {m.input_depth}")
     taps = tuple(m.taps)
     if not taps or taps == DEFAULT_TAPS:
         taps = PLAIN_TAPS if plain else stage_end_taps(width, depth)
@@ -215,7 +226,8 @@ def build_model(cfg) -> nn.Module:
     return TSFDNet(
         width_mult=width, depth_mult=depth, drop_connect_rate=float(m.drop_connect_rate),
         fused_stages=int(m.fused_stages),
-        plain_features=tuple(int(f) for f in m.plain_features) if plain else (), taps=taps, gating_channels=int(m.gating_channels),
+        plain_features=tuple(int(f) for f in m.plain_features) if plain else (),
+        pool_stem=bool(m.pool_stem), taps=taps, gating_channels=int(m.gating_channels),
         gating_dropout=float(m.gating_dropout), num_bifpn=int(m.num_bifpn),
         feature_reweighing=bool(m.feature_reweighing), se_ratio=int(m.se_ratio),
         node_dropout=float(m.node_dropout), node_pointwise=bool(m.node_pointwise),
@@ -223,7 +235,8 @@ def build_model(cfg) -> nn.Module:
         num_labels=len(cfg.data.label_names), num_tissues=num_tissues,
         tissue_head=bool(m.tissue_head), classifier_dropout=float(m.classifier_dropout),
         stem_skip=int(m.stem_skip), input_skip=int(m.input_skip),
-        skip_depth=int(m.skip_depth), align_taps=bool(m.align_taps),
+        skip_depth=int(m.skip_depth), input_depth=int(m.input_depth),
+        align_taps=bool(m.align_taps),
         boundary_channels=boundary_channels, layers=model_layers(cfg))
 
 
