@@ -113,10 +113,7 @@ class SkipRefine(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, stem: jax.Array, train: bool) -> jax.Array:
         h = jnp.concatenate([resize_to(x, stem.shape[1:3]), stem.astype(x.dtype)], axis=-1)
-        for k in range(self.depth):
-            suffix = f"_{k + 1}" if k else ""  # the first layer keeps its names (checkpoints)
-            h = self.layers.conv(self.channels, 3, use_bias=False, kernel_init=glorot_uniform,
-                                 name="conv" + suffix)(h)
-            h = nn.silu(self.layers.norm(train, "bn" + suffix)(h))
+        h = self.layers.conv_bn_silu_stack(h, self.channels, self.depth, train,
+                                           conv_name="conv", bn_name="bn")
         return self.layers.conv(self.features, 1, kernel_init=nn.initializers.zeros,
                                 name="out")(h)

@@ -309,6 +309,18 @@ class Layers:
                             epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=jnp.float32,
                             name=name)
 
+    def conv_bn_silu_stack(self, x: jax.Array, channels: int, depth: int, train: bool, *,
+                           conv_name: str, bn_name: str) -> jax.Array:
+        """``depth`` x [conv 3x3 (no bias) -> BN -> swish]. The first layer is named
+        ``conv_name``/``bn_name`` and layer k > 0 gets the suffix ``_{k+1}``, so a deeper stack
+        keeps the names, and the checkpoints, of a shallower one."""
+        for k in range(depth):
+            suffix = f"_{k + 1}" if k else ""
+            x = self.conv(channels, 3, use_bias=False, kernel_init=nn.initializers.glorot_uniform(),
+                          name=conv_name + suffix)(x)
+            x = nn.silu(self.norm(train, bn_name + suffix)(x))
+        return x
+
     def depthwise(self, kernel_size: int = 3, *, strides: int = 1, use_bias: bool = True,
                   kernel_init: Callable = nn.initializers.lecun_normal(),
                   name: str | None = None) -> DepthwiseConv2D:

@@ -146,12 +146,8 @@ class TSFDNet(nn.Module):
         if self.input_skip:
             # Logits at the input resolution: the bilinear x2 of the heads plus a correction
             # from features of the input itself (docs/model.md, item 10).
-            f = x
-            for k in range(self.input_depth):
-                suffix = f"_{k + 1}" if k else ""  # the first layer keeps its names (checkpoints)
-                f = layers.conv(self.input_skip, 3, use_bias=False, kernel_init=glorot_uniform,
-                                name="input_skip" + suffix)(f)
-                f = nn.silu(layers.norm(train, "input_skip_bn" + suffix)(f))
+            f = layers.conv_bn_silu_stack(x, self.input_skip, self.input_depth, train,
+                                          conv_name="input_skip", bn_name="input_skip_bn")
             full = x.shape[1:3]
             out["seg_logits"] = resize_to(out["seg_logits"], full) + SkipRefine(
                 self.num_labels, self.input_skip, layers, self.skip_depth,
