@@ -40,7 +40,8 @@ section 29: at 10 minutes on held-out images +0.035 tuned bPQ and +0.07 mPQ, inf
 0.24 -> 0.41; level at 40 minutes, 0.394 / 0.320 against 0.393 / 0.320). What configs/demo.py
 gained from and this config did not (section 24): the boundary BCE weighted 30 and separation
 bands only where nuclei touch (``targets.contact_dilation``), each 0.01-0.02 bPQ below at 40
-minutes.
+minutes; the boundary BCE weighted 10 (section 35) gains at 10 minutes on one seed of two and
+ends 0.007 / 0.005 tuned bPQ / mPQ below at 40 minutes (0.398 / 0.315).
 
   python -m tsfd_jax train --config configs/consep.py --workdir runs/consep \
       --config.data.root ../shared/data/consep/train
