@@ -103,6 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.se_ratio = 8                # FR squeeze ratio (§1.4)
     m.node_dropout = 0.2          # inside BiFPNs only (§1.5)
     m.node_pointwise = False      # not the paper: 1x1 conv after each fusion node's depthwise
+    m.node_conv = "depthwise"     # the fusion nodes' 3x3 conv; "dense": not the paper
     m.seg_third_term = True       # PAPER Eq. 3 third term; False = authors' code (§1.7)
     m.tissue_head = True          # FDB (True) or CBB (False)
     m.classifier_dropout = 0.3

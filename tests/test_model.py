@@ -720,6 +720,56 @@ def test_node_pointwise_adds_a_1x1_conv_to_every_fusion_node():
         np.testing.assert_allclose(out_id[k], out_plain[k], rtol=1e-4, atol=1e-5)
 
 
+def test_node_conv_dense_replaces_every_fusion_nodes_depthwise_conv():
+    """model.node_conv='dense': in every fusion node of the BiFPNs and the decoders a (3, 3, C,
+    C) kernel ``conv`` in place of the depthwise ``dwconv`` (the FR blocks keep theirs); with
+    each dense kernel holding the depthwise one on its diagonal the network computes what the
+    paper's does with the same other parameters (the depthwise biases start at zero)."""
+    cfg = tiny_cfg()
+    x = jax.random.uniform(jax.random.key(1), input_shape(cfg, 2, 64))
+    paper_model = build_model(cfg)
+    paper = paper_model.init(jax.random.key(0), x, train=False)
+    cfg.model.node_conv = "dense"
+    dense_model = build_model(cfg)
+    dense = dense_model.init(jax.random.key(0), x, train=False)
+
+    def flat(tree):
+        return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+                for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    p, d = flat(paper["params"]), flat(dense["params"])
+    nodes = {k.rsplit("/", 2)[0] for k in p if k.endswith("/dwconv/kernel") and "/fr_" not in k
+             and ("bifpn_" in k or k.startswith("decoders/"))}
+    assert nodes
+    assert set(d) - set(p) == {f"{n}/conv/kernel" for n in nodes}
+    assert set(p) - set(d) == ({f"{n}/dwconv/kernel" for n in nodes}
+                               | {f"{n}/dwconv/bias" for n in nodes})
+    channels = int(cfg.model.gating_channels)
+    for n in nodes:
+        assert d[f"{n}/conv/kernel"].shape == (3, 3, channels, channels)
+        assert not np.any(p[f"{n}/dwconv/bias"])
+
+    def diagonal(path, leaf):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if not name.endswith("/conv/kernel") or name.rsplit("/", 2)[0] not in nodes:
+            return leaf
+        dw = p[name.rsplit("/", 2)[0] + "/dwconv/kernel"]      # (3, 3, 1, C)
+        return dw[:, :, 0, :, None] * jnp.eye(channels)[None, None]
+
+    params = jax.tree_util.tree_map_with_path(diagonal, dense["params"])
+    with_diagonal = _copy_shared({**dense, "params": params}, paper)
+    out_paper = paper_model.apply(paper, x, train=False)
+    out_dense = dense_model.apply(with_diagonal, x, train=False)
+    for k in out_paper:
+        np.testing.assert_allclose(out_dense[k], out_paper[k], rtol=1e-4, atol=1e-5)
+    cfg.model.node_pointwise = True
+    with pytest.raises(ValueError, match="node_pointwise"):
+        build_model(cfg)
+    cfg.model.node_conv, cfg.model.node_pointwise = "full", False
+    with pytest.raises(ValueError, match="node_conv"):
+        build_model(cfg)
+
+
 def _copy_shared(variables: dict, source: dict) -> dict:
     """``variables`` with every leaf that ``source`` also has taken from ``source``."""
     flat_src = dict(jax.tree_util.tree_flatten_with_path(source)[0])

@@ -11,7 +11,8 @@ As built (docs/model.md-§1.6, the authors' ``bifpn.py``):
   One per input of every node; the paper describes only the weight vector V (§9.4 item 2).
 - ``FusionNode``: sum of the (reweighed) inputs -> depthwise 3x3 (bias) -> BN -> swish ->
   channel dropout (inside BiFPNs only). No 1x1 conv: channels mix only in the FR dense layers
-  (``model.node_pointwise`` adds EfficientDet's pointwise conv after the depthwise one; not the
+  (``model.node_pointwise`` adds EfficientDet's pointwise conv after the depthwise one,
+  ``model.node_conv = "dense"`` replaces the depthwise conv by a dense 3x3 one; neither is the
   paper, docs/model.md item 11).
 - ``BiFPN``: the top-down / bottom-up wiring of §1.6 (10 nodes, 24 FR blocks on 6 levels).
 
@@ -110,7 +111,8 @@ class FusionNode(nn.Module):
 
     Inputs: a list of (B, H, W, C) maps already resized to a common size. Each input gets its own
     FR block (identity for CFF). Then depthwise 3x3 (bias) [-> 1x1 conv when ``pointwise``]
-    -> BN -> swish -> channel dropout.
+    -> BN -> swish -> channel dropout; with ``conv = "dense"`` a dense 3x3 conv (no bias,
+    ``conv``) in place of the depthwise one.
     """
 
     reweigh: bool = True
@@ -118,6 +120,7 @@ class FusionNode(nn.Module):
     dropout_rate: float = 0.0
     layers: Layers = Layers()
     pointwise: bool = False
+    conv: str = "depthwise"
 
     @nn.compact
     def __call__(self, inputs: Sequence[jax.Array], train: bool) -> jax.Array:
@@ -125,7 +128,11 @@ class FusionNode(nn.Module):
             inputs = [FeatureReweighing(self.se_ratio, self.layers, name=f"fr_{k}")(x, train)
                       for k, x in enumerate(inputs)]
         x = functools.reduce(jnp.add, [jnp.asarray(v, self.layers.dtype) for v in inputs])
-        x = self.layers.depthwise(3, kernel_init=glorot_uniform, name="dwconv")(x)
+        if self.conv == "dense":
+            x = self.layers.conv(x.shape[-1], 3, use_bias=False, kernel_init=glorot_uniform,
+                                 name="conv")(x)
+        else:
+            x = self.layers.depthwise(3, kernel_init=glorot_uniform, name="dwconv")(x)
         if self.pointwise:
             x = self.layers.conv(x.shape[-1], 1, use_bias=False, kernel_init=glorot_uniform,
                                  name="pwconv")(x)
@@ -154,6 +161,7 @@ class BiFPN(nn.Module):
     node_dropout: float = 0.2
     layers: Layers = Layers()
     node_pointwise: bool = False
+    node_conv: str = "depthwise"
 
     @nn.compact
     def __call__(self, feats: Sequence[jax.Array], train: bool) -> list[jax.Array]:
@@ -165,7 +173,7 @@ class BiFPN(nn.Module):
         def node(name: str, xs: list[jax.Array], size: tuple[int, int]) -> jax.Array:
             xs = [resize_to(x, size) for x in xs]
             return FusionNode(self.reweigh, self.se_ratio, self.node_dropout, self.layers,
-                              self.node_pointwise, name=name)(xs, train)
+                              self.node_pointwise, self.node_conv, name=name)(xs, train)
 
         size = [x.shape[1:3] for x in p]
         # Top-down path; the top level itself (P7) has no top-down node.

@@ -46,6 +46,7 @@ class InterlinkedDecoders(nn.Module):
     seg_third_term: bool = True
     layers: Layers = Layers()
     node_pointwise: bool = False
+    node_conv: str = "depthwise"
 
     @nn.compact
     def __call__(self, feats: Sequence[jax.Array], train: bool) -> tuple[jax.Array, jax.Array]:
@@ -58,7 +59,7 @@ class InterlinkedDecoders(nn.Module):
             xs = [resize_to(x, size) for x in xs]
             # No dropout in decoder nodes (docs/model.md).
             return FusionNode(self.reweigh, self.se_ratio, 0.0, self.layers,
-                              self.node_pointwise, name=name)(xs, train)
+                              self.node_pointwise, self.node_conv, name=name)(xs, train)
 
         size = [x.shape[1:3] for x in p]
         # Segmentation branch (Eq. 3); the top level's "previous node" is P7 itself.

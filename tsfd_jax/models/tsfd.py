@@ -41,6 +41,7 @@ from tsfd_jax.ops.targets import BOUNDARY_CHANNELS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PLAIN = "plain"   # model.backbone: the plain encoder (models/plain.py) instead of EfficientNet
+NODE_CONVS = ("depthwise", "dense")  # model.node_conv: the paper's, or a dense 3x3 conv
 ARCHS = ("tsfd", "unet")  # model.arch: the paper's network, or the reference UNet (unet.py)
 
 
@@ -97,6 +98,7 @@ class TSFDNet(nn.Module):
     se_ratio: int = 8
     node_dropout: float = 0.2
     node_pointwise: bool = False      # 1x1 conv in every fusion node (EfficientDet); not the paper
+    node_conv: str = "depthwise"      # the fusion nodes' 3x3 conv; "dense": not the paper
     seg_third_term: bool = True       # PAPER Eq. 3; False = authors' code
     num_labels: int = 6               # segmentation classes including background
     num_tissues: int = 19
@@ -127,9 +129,10 @@ class TSFDNet(nn.Module):
         gated_top = p[-1]
         for k in range(self.num_bifpn):
             p = BiFPN(self.feature_reweighing, self.se_ratio, self.node_dropout, layers,
-                      self.node_pointwise, name=f"bifpn_{k + 1}")(p, train)
+                      self.node_pointwise, self.node_conv, name=f"bifpn_{k + 1}")(p, train)
         seg, bdr = InterlinkedDecoders(self.feature_reweighing, self.se_ratio,
                                        self.seg_third_term, layers, self.node_pointwise,
+                                       self.node_conv,
                                        name="decoders")(p, train)
         out = {
             "seg_logits": UpsamplingBlock(self.num_labels, layers, name="seg_head")(seg),
@@ -208,6 +211,11 @@ def build_model(cfg) -> nn.Module:
                          "model.backbone='plain'")
     if int(m.input_depth) < 1:
         raise ValueError(f"model.input_depth must be at least 1, got {m.input_depth}")
+    if str(m.node_conv) not in NODE_CONVS:
+        raise ValueError(f"model.node_conv must be one of {NODE_CONVS}, got {m.node_conv!r}")
+    if str(m.node_conv) == "dense" and bool(m.node_pointwise):
+        raise ValueError("model.node_pointwise adds a 1x1 conv after the nodes' depthwise conv; "
+                         "with model.node_conv='dense' there is none, set one of the two")
     taps = tuple(m.taps)
     if not taps or taps == DEFAULT_TAPS:
         taps = PLAIN_TAPS if plain else stage_end_taps(width, depth)
@@ -227,6 +235,7 @@ def build_model(cfg) -> nn.Module:
         gating_dropout=float(m.gating_dropout), num_bifpn=int(m.num_bifpn),
         feature_reweighing=bool(m.feature_reweighing), se_ratio=int(m.se_ratio),
         node_dropout=float(m.node_dropout), node_pointwise=bool(m.node_pointwise),
+        node_conv=str(m.node_conv),
         seg_third_term=bool(m.seg_third_term),
         num_labels=len(cfg.data.label_names), num_tissues=num_tissues,
         tissue_head=bool(m.tissue_head), classifier_dropout=float(m.classifier_dropout),
