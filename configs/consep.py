@@ -41,7 +41,10 @@ section 29: at 10 minutes on held-out images +0.035 tuned bPQ and +0.07 mPQ, inf
 gained from and this config did not (section 24): the boundary BCE weighted 30 and separation
 bands only where nuclei touch (``targets.contact_dilation``), each 0.01-0.02 bPQ below at 40
 minutes; the boundary BCE weighted 10 (section 35) gains at 10 minutes on one seed of two and
-ends 0.007 / 0.005 tuned bPQ / mPQ below at 40 minutes (0.398 / 0.315).
+ends 0.007 / 0.005 tuned bPQ / mPQ below at 40 minutes (0.398 / 0.315). Dense 3 x 3
+convolutions in the decoders' nodes (``model.node_conv = "dense"``, section 36) merge fewer
+touching nuclei on two seeds at 10 minutes (+0.050 / +0.037 untuned bPQ, +0.048 / +0.004
+tuned); not yet measured at 40 minutes.
 
   python -m tsfd_jax train --config configs/consep.py --workdir runs/consep \
       --config.data.root ../shared/data/consep/train
