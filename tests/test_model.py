@@ -697,27 +697,16 @@ def test_node_pointwise_adds_a_1x1_conv_to_every_fusion_node():
     pw_model = build_model(cfg)
     pw = pw_model.init(jax.random.key(0), x, train=False)
 
-    def paths(tree):
-        return {"/".join(str(getattr(k, "key", k)) for k in path)
-                for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-    added = paths(pw["params"]) - paths(plain["params"])
-    assert not paths(plain["params"]) - paths(pw["params"])
-    nodes = {p.rsplit("/", 2)[0] for p in paths(plain["params"]) if p.endswith("/dwconv/kernel")
-             and "/fr_" not in p and ("bifpn_" in p or p.startswith("decoders/"))}
-    assert nodes and added == {f"{n}/pwconv/kernel" for n in nodes}
+    p, q = _named_leaves(plain["params"]), _named_leaves(pw["params"])
+    assert not set(p) - set(q)
+    nodes = _fusion_nodes(p)
+    assert nodes and set(q) - set(p) == {f"{n}/pwconv/kernel" for n in nodes}
     channels = int(cfg.model.gating_channels)
 
-    def identity(path, leaf):
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
+    def identity(name, leaf):
         return jnp.eye(channels)[None, None] if name.endswith("pwconv/kernel") else leaf
 
-    params = jax.tree_util.tree_map_with_path(identity, pw["params"])
-    with_identity = _copy_shared({**pw, "params": params}, plain)
-    out_plain = plain_model.apply(plain, x, train=False)
-    out_id = pw_model.apply(with_identity, x, train=False)
-    for k in out_plain:
-        np.testing.assert_allclose(out_id[k], out_plain[k], rtol=1e-4, atol=1e-5)
+    _assert_computes_the_same(plain_model, plain, pw_model, pw, identity, x)
 
 
 def test_node_conv_dense_replaces_every_fusion_nodes_depthwise_conv():
@@ -733,13 +722,8 @@ def test_node_conv_dense_replaces_every_fusion_nodes_depthwise_conv():
     dense_model = build_model(cfg)
     dense = dense_model.init(jax.random.key(0), x, train=False)
 
-    def flat(tree):
-        return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-                for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-    p, d = flat(paper["params"]), flat(dense["params"])
-    nodes = {k.rsplit("/", 2)[0] for k in p if k.endswith("/dwconv/kernel") and "/fr_" not in k
-             and ("bifpn_" in k or k.startswith("decoders/"))}
+    p, d = _named_leaves(paper["params"]), _named_leaves(dense["params"])
+    nodes = _fusion_nodes(p)
     assert nodes
     assert set(d) - set(p) == {f"{n}/conv/kernel" for n in nodes}
     assert set(p) - set(d) == ({f"{n}/dwconv/kernel" for n in nodes}
@@ -749,25 +733,44 @@ def test_node_conv_dense_replaces_every_fusion_nodes_depthwise_conv():
         assert d[f"{n}/conv/kernel"].shape == (3, 3, channels, channels)
         assert not np.any(p[f"{n}/dwconv/bias"])
 
-    def diagonal(path, leaf):
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
+    def diagonal(name, leaf):
         if not name.endswith("/conv/kernel") or name.rsplit("/", 2)[0] not in nodes:
             return leaf
         dw = p[name.rsplit("/", 2)[0] + "/dwconv/kernel"]      # (3, 3, 1, C)
         return dw[:, :, 0, :, None] * jnp.eye(channels)[None, None]
 
-    params = jax.tree_util.tree_map_with_path(diagonal, dense["params"])
-    with_diagonal = _copy_shared({**dense, "params": params}, paper)
-    out_paper = paper_model.apply(paper, x, train=False)
-    out_dense = dense_model.apply(with_diagonal, x, train=False)
-    for k in out_paper:
-        np.testing.assert_allclose(out_dense[k], out_paper[k], rtol=1e-4, atol=1e-5)
+    _assert_computes_the_same(paper_model, paper, dense_model, dense, diagonal, x)
     cfg.model.node_pointwise = True
     with pytest.raises(ValueError, match="node_pointwise"):
         build_model(cfg)
     cfg.model.node_conv, cfg.model.node_pointwise = "full", False
     with pytest.raises(ValueError, match="node_conv"):
         build_model(cfg)
+
+
+def _named_leaves(tree) -> dict:
+    """{"a/b/c": leaf} of a parameter tree."""
+    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _fusion_nodes(names) -> set[str]:
+    """The fusion nodes (BiFPNs and decoders, not their FR blocks) among parameter names."""
+    return {k.rsplit("/", 2)[0] for k in names if k.endswith("/dwconv/kernel")
+            and "/fr_" not in k and ("bifpn_" in k or k.startswith("decoders/"))}
+
+
+def _assert_computes_the_same(ref_model, ref, model, variables, set_new, x) -> None:
+    """``model`` with ``ref``'s shared leaves and its other parameters set by ``set_new(name,
+    leaf)`` gives ``ref_model``'s outputs on ``x``."""
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: set_new("/".join(str(getattr(k, "key", k)) for k in path), leaf),
+        variables["params"])
+    merged = _copy_shared({**variables, "params": params}, ref)
+    out_ref = ref_model.apply(ref, x, train=False)
+    out = model.apply(merged, x, train=False)
+    for k in out_ref:
+        np.testing.assert_allclose(out[k], out_ref[k], rtol=1e-4, atol=1e-5)
 
 
 def _copy_shared(variables: dict, source: dict) -> dict:
