@@ -9,7 +9,7 @@ import pytest
 import scipy.ndimage as ndi
 
 from configs.default import get_config
-from tsfd_jax.ops.augment import (augment_example, gaussian_blur, geometric_transform,
+from tsfd_jax.ops.augment import (augment_batch, augment_example, gaussian_blur, geometric_transform,
                                   hsv_to_rgb, identity_params, median_blur, rgb_to_hsv,
                                   sample_geometric_params)
 
@@ -180,6 +180,40 @@ def test_random_augmentation_keeps_valid_labels_and_is_deterministic(batch_augme
         np.testing.assert_array_equal(a, np.asarray(b_))
     other = batch_augment(jax.random.split(jax.random.key(1), 8), images, insts, clss)
     assert not np.array_equal(img, np.asarray(other[0]))
+
+
+def test_augment_batch_one_at_a_time_equals_vmap():
+    exs = [synthetic_example(s) for s in range(6)]
+    images, insts, clss = (jnp.asarray(np.stack(a)) for a in zip(*exs))
+    keys = jax.random.split(jax.random.key(5), 6)
+    cfg = aug_config()
+    f = jax.jit(lambda k, im, i, c, loop: augment_batch(k, im, i, c, cfg, loop),
+                static_argnums=4)
+    looped, mapped = f(keys, images, insts, clss, True), f(keys, images, insts, clss, False)
+    np.testing.assert_allclose(np.asarray(looped[0]), np.asarray(mapped[0]), atol=1e-3)
+    for a, b in zip(looped[1:], mapped[1:]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.allclose(np.asarray(looped[0]), np.asarray(images, np.float32))
+
+
+@pytest.mark.parametrize("one_at_a_time", [True, False])
+def test_the_chosen_filter_alone_is_applied(one_at_a_time):
+    # Geometric ops and colour ops off, median blur the only filter, always applied: each
+    # example's output is scipy's median of its input at one of the allowed sizes.
+    exs = [synthetic_example(s) for s in range(6)]
+    images, insts, clss = (np.stack(a) for a in zip(*exs))
+    noisy = np.clip(images + np.random.default_rng(0).normal(0, 30, images.shape), 0, 255)
+    cfg = aug_config(geometric_ops=0, p=1.0, gaussian_blur=None, gaussian_noise=0.0, hue=0,
+                     saturation=0, brightness=0.0, contrast=None)
+    out = np.asarray(jax.jit(lambda k, im, i, c: augment_batch(k, im, i, c, cfg, one_at_a_time))(
+        jax.random.split(jax.random.key(2), 6), jnp.asarray(noisy, jnp.float32),
+        jnp.asarray(insts), jnp.asarray(clss))[0])
+    sizes = []
+    for b in range(6):
+        refs = {k: ndi.median_filter(noisy[b].astype(np.float32), size=(k, k, 1), mode="nearest")
+                for k in (3, 5, 7)}
+        sizes += [k for k, r in refs.items() if np.array_equal(out[b], r)]
+    assert len(sizes) == 6 and len(set(sizes)) > 1
 
 
 def test_sampled_params_pick_exactly_the_configured_number_of_ops():

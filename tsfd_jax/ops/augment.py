@@ -305,31 +305,35 @@ def photometric(key: jax.Array, image: jax.Array, cfg: Any,
     u = iter(jax.random.uniform(k_u, (16,), jnp.float32))
     on = lambda: next(u) < p
 
-    # OneOf(median blur, Gaussian blur, Gaussian noise), wrapped in Sometimes(p).
-    choices = []
+    # OneOf(median blur, Gaussian blur, Gaussian noise), wrapped in Sometimes(p): each filter is
+    # a branch of one lax.switch (branch 0: none), so where examples are augmented one at a time
+    # (``augment_batch`` on CPU) only the chosen filter runs; under vmap all of them do.
+    clipped = lambda f: lambda x: jnp.clip(f(x), 0.0, 255.0)
+    branches = [lambda x: x]
     mb = _range(_get(cfg, "median_blur"))
     if mb is not None and mb[1] >= 3:
         lo_j, hi_j = max(int(mb[0]) // 2, 1), int(mb[1]) // 2   # odd sizes 2j+1, j in [lo, hi]
         j = _randint(next(u), lo_j, hi_j)
-        choices.append(median_blur(img, 2 * j + 1, 2 * hi_j + 1))
+        branches.append(clipped(lambda x: median_blur(x, 2 * j + 1, 2 * hi_j + 1)))
     gb = _range(_get(cfg, "gaussian_blur"))
     if gb is not None and gb[1] > 0:
         sigma = gb[0] + (gb[1] - gb[0]) * next(u)
-        choices.append(gaussian_blur(img, sigma, max(1, math.ceil(3 * gb[1]))))
+        radius = max(1, math.ceil(3 * gb[1]))
+        branches.append(clipped(lambda x: gaussian_blur(x, sigma, radius)))
     gn = float(_get(cfg, "gaussian_noise", 0.0) or 0.0)
     if gn > 0:
         std = gn * 255.0 * next(u)
         per_channel = next(u) < 0.5
-        noise = jax.random.normal(k_noise, img.shape, jnp.float32)
-        # Not per channel: the same value for R, G and B of a pixel.
-        noise = jnp.where(per_channel, noise, noise[..., :1])
-        choices.append(img + std * noise)
-    if choices:
-        which = _randint(next(u), 0, len(choices) - 1)
-        filtered = choices[0]
-        for i in range(1, len(choices)):
-            filtered = jnp.where(which == i, choices[i], filtered)
-        img = jnp.where(on(), jnp.clip(filtered, 0.0, 255.0), img)
+
+        def noisy(x):
+            noise = jax.random.normal(k_noise, x.shape, jnp.float32)
+            # Not per channel: the same value for R, G and B of a pixel.
+            return x + std * jnp.where(per_channel, noise, noise[..., :1])
+
+        branches.append(clipped(noisy))
+    if len(branches) > 1:
+        which = _randint(next(u), 1, len(branches) - 1)
+        img = jax.lax.switch(jnp.where(on(), which, 0), branches, img)
 
     # AddToHue(-a, a): integer a as in imgaug, projected to OpenCV hue units as
     # int(a / 255 * 180) (2 degrees each); AddToSaturation(-b, b): integer added to S on 0..255.
@@ -383,3 +387,22 @@ def augment_example(key: jax.Array, image: jax.Array, inst: jax.Array, cls: jax.
         image = photometric(k_photo, image, cfg_augment, content)
         image = image * content[..., None].astype(image.dtype)
     return image, inst, cls, content
+
+
+def augment_batch(keys: jax.Array, image: jax.Array, inst: jax.Array, cls: jax.Array,
+                  cfg_augment: Any, one_at_a_time: bool | None = None
+                  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``augment_example`` over a batch (leading axis of every argument), the same numbers either way.
+
+    ``one_at_a_time`` (default: on a single CPU device) runs the examples in a loop
+    (``lax.map``): the ``lax.switch`` of the photometric filters then runs only the chosen
+    filter, where under ``vmap`` it runs all three (the 7 x 7 median network on every example
+    is most of the augmentation's time on CPU; BENCHMARKS.md). On accelerators, and where the
+    batch is sharded over several devices, ``vmap`` keeps one kernel per op for the batch.
+    """
+    fn = lambda k, im, i, c: augment_example(k, im, i, c, cfg_augment)
+    if one_at_a_time is None:
+        one_at_a_time = jax.default_backend() == "cpu" and jax.device_count() == 1
+    if one_at_a_time:
+        return jax.lax.map(lambda a: fn(*a), (keys, image, inst, cls))
+    return jax.vmap(fn)(keys, image, inst, cls)

@@ -1,7 +1,7 @@
 """Device-side preprocessing: host batch -> (network inputs, targets) (PAPER §3.1, §4.2; docs/data.md).
 
 Order, per batch (inside the jitted train/eval step):
-1. (train and ``augment.enabled``) ``augment_example`` per example under ``jax.vmap`` with
+1. (train and ``augment.enabled``) ``augment_example`` per example (``augment_batch``) with
    ``jax.random.split(key, B)``: geometric on image + labels, then photometric on the image.
 2. Boundary target from the (augmented) ``inst``/``cls`` and content mask (docs/preprocessing.md).
 3. RGB resized bilinearly from the label size H to ``input.size`` (256 -> 512 by the exact x2
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from tsfd_jax.errors import UserError
-from tsfd_jax.ops.augment import augment_example
+from tsfd_jax.ops.augment import augment_batch
 from tsfd_jax.ops.resize import resize_bilinear, resize_nearest
 from tsfd_jax.ops.stain import MATRICES, SCALINGS, stain_channels
 from tsfd_jax.ops.targets import (BOUNDARY_CHANNELS, boundary_target, contacts, distance_target,
@@ -190,8 +190,7 @@ def make_preprocess_fn(cfg) -> Callable[[dict, jax.Array, bool], tuple[jax.Array
 
         if train and augment_on:
             keys = jax.random.split(key, b)
-            image, inst, cls, content = jax.vmap(
-                lambda k, im, i, c: augment_example(k, im, i, c, augment_cfg))(keys, image, inst, cls)
+            image, inst, cls, content = augment_batch(keys, image, inst, cls, augment_cfg)
         else:
             image = image.astype(jnp.float32)
             content = None
