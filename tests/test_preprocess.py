@@ -27,6 +27,18 @@ def test_upsample2x_equals_jax_image_resize(shape):
     np.testing.assert_allclose(np.asarray(upsample2x(x)), np.asarray(ref), atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (1, 16, 16, 5), (4, 1, 2, 1)])
+def test_upsample2x_gradient_equals_jax_image_resize_gradient(shape):
+    # upsample2x has its own backward pass (a custom VJP); jax.image.resize's is autodiff's.
+    x = jax.random.normal(jax.random.key(0), shape)
+    w = jax.random.normal(jax.random.key(1), (shape[0], 2 * shape[1], 2 * shape[2], shape[3]))
+    ref = jax.grad(lambda v: jnp.sum(jnp.sin(jax.image.resize(v, w.shape, "bilinear")) * w))(x)
+    got = jax.jit(jax.grad(lambda v: jnp.sum(jnp.sin(upsample2x(v)) * w)))(x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5)
+    assert jax.grad(lambda v: upsample2x(v).astype(jnp.float32).sum())(
+        x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
 @pytest.mark.parametrize("shape", [(2, 8, 10, 3), (1, 2, 2, 4)])
 def test_downsample2x_equals_jax_image_resize_without_antialias(shape):
     x = jax.random.normal(jax.random.key(1), shape)

@@ -62,18 +62,21 @@ class InterlinkedDecoders(nn.Module):
                               self.node_pointwise, self.node_conv, name=name)(xs, train)
 
         size = [x.shape[1:3] for x in p]
+        # P(l+1) resized once to level l's size for both branches: one backward pass of the
+        # resize, its two cotangents summed first.
+        p_up = [resize_to(p[i + 1], size[i]) for i in range(n - 1)]
         # Segmentation branch (Eq. 3); the top level's "previous node" is P7 itself.
         seg: list[jax.Array] = [None] * n  # type: ignore[list-item]
         seg[n - 1] = p[n - 1]
         for i in range(n - 2, -1, -1):
             xs = [p[i], seg[i + 1]]
             if self.seg_third_term and i < n - 2:
-                xs.append(p[i + 1])  # Eq. 3 third term: V3 * B(P_bif3_(l+1))
+                xs.append(p_up[i])  # Eq. 3 third term: V3 * B(P_bif3_(l+1))
             seg[i] = node(f"seg_{level_name(i)}", xs, size[i])
         # Boundary branch (Eq. 4).
-        bdr = node(f"bdr_{level_name(n - 2)}", [p[n - 1], seg[n - 2]], size[n - 2])
+        bdr = node(f"bdr_{level_name(n - 2)}", [p_up[n - 2], seg[n - 2]], size[n - 2])
         for i in range(n - 3, -1, -1):
-            bdr = node(f"bdr_{level_name(i)}", [p[i + 1], bdr, seg[i]], size[i])
+            bdr = node(f"bdr_{level_name(i)}", [p_up[i], bdr, seg[i]], size[i])
         return seg[0], bdr
 
 
@@ -89,9 +92,10 @@ class UpsamplingBlock(nn.Module):
     layers: Layers = Layers()
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, x_up: jax.Array | None = None) -> jax.Array:
+        """``x_up``: ``upsample2x(x)`` where the caller has it already (shared with a skip)."""
         a = self.layers.conv(self.features, 3, kernel_init=glorot_uniform,
-                             name="conv")(upsample2x(x))
+                             name="conv")(upsample2x(x) if x_up is None else x_up)
         b = self.layers.conv_transpose(self.features, 3, strides=2, kernel_init=glorot_uniform,
                                        name="conv_transpose")(x)
         y = nn.silu(a + b)

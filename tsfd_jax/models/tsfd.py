@@ -38,6 +38,7 @@ from tsfd_jax.models.plain import PlainEncoder
 from tsfd_jax.models.unet import UNet
 from tsfd_jax.ops.preprocess import check_boundary_kind, input_channels
 from tsfd_jax.ops.targets import BOUNDARY_CHANNELS
+from tsfd_jax.ops.resize import upsample2x
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PLAIN = "plain"   # model.backbone: the plain encoder (models/plain.py) instead of EfficientNet
@@ -134,18 +135,21 @@ class TSFDNet(nn.Module):
                                        self.seg_third_term, layers, self.node_pointwise,
                                        self.node_conv,
                                        name="decoders")(p, train)
+        # The decoders' maps upsampled once for the heads and the skips (which resize them on
+        # from there): one backward pass of the upsampling per map.
+        seg_up, bdr_up = upsample2x(seg), upsample2x(bdr)
         out = {
-            "seg_logits": UpsamplingBlock(self.num_labels, layers, name="seg_head")(seg),
+            "seg_logits": UpsamplingBlock(self.num_labels, layers, name="seg_head")(seg, seg_up),
             "boundary_logits": UpsamplingBlock(self.boundary_channels, layers,
-                                               name="boundary_head")(bdr),
+                                               name="boundary_head")(bdr, bdr_up),
         }
         if self.stem_skip:
             stem = feats["stem"]
             out["seg_logits"] += SkipRefine(self.num_labels, self.stem_skip, layers,
-                                            self.skip_depth, name="seg_skip")(seg, stem, train)
+                                            self.skip_depth, name="seg_skip")(seg_up, stem, train)
             out["boundary_logits"] += SkipRefine(self.boundary_channels, self.stem_skip, layers,
                                                  self.skip_depth,
-                                                 name="boundary_skip")(bdr, stem, train)
+                                                 name="boundary_skip")(bdr_up, stem, train)
         if self.input_skip:
             # Logits at the input resolution: the bilinear x2 of the heads plus a correction
             # from features of the input itself (docs/model.md, item 10).
@@ -154,10 +158,10 @@ class TSFDNet(nn.Module):
             full = x.shape[1:3]
             out["seg_logits"] = resize_to(out["seg_logits"], full) + SkipRefine(
                 self.num_labels, self.input_skip, layers, self.skip_depth,
-                name="seg_input_skip")(seg, f, train)
+                name="seg_input_skip")(seg_up, f, train)
             out["boundary_logits"] = resize_to(out["boundary_logits"], full) + SkipRefine(
                 self.boundary_channels, self.input_skip, layers, self.skip_depth,
-                name="boundary_input_skip")(bdr, f, train)
+                name="boundary_input_skip")(bdr_up, f, train)
         if self.tissue_head:
             # TC on the gated P7 (docs/model.md); the softmax lives in the loss.
             v = jnp.mean(gated_top.astype(jnp.float32), axis=(1, 2))

@@ -50,10 +50,46 @@ def _upsample_axis(x: jax.Array, axis: int) -> jax.Array:
     return y.reshape(shape).astype(x.dtype)
 
 
+def _upsample_axis_transpose(g: jax.Array, axis: int) -> jax.Array:
+    """The transpose of ``_upsample_axis``: (.., 2n, ..) -> (.., n, ..).
+
+    Input i feeds outputs 2i and 2i+1 with 0.75, output 2i+2 (its ``prev``) and 2i-1 (its
+    ``nxt``) with 0.25, and at the clamped edges output 0 (i = 0) and 2n-1 (i = n-1) once more.
+    """
+    n = g.shape[axis] // 2
+    shape = list(g.shape)
+    shape[axis:axis + 1] = [n, 2]
+    pairs = g.reshape(shape)
+    even = jax.lax.index_in_dim(pairs, 0, axis + 1, keepdims=False)
+    odd = jax.lax.index_in_dim(pairs, 1, axis + 1, keepdims=False)
+    sl = lambda a, start, stop: jax.lax.slice_in_dim(a, start, stop, axis=axis)
+    from_prev = jnp.concatenate([sl(even, 0, 1), sl(odd, 0, n - 1)], axis=axis)
+    from_next = jnp.concatenate([sl(even, 1, n), sl(odd, n - 1, n)], axis=axis)
+    return (0.75 * (even + odd) + 0.25 * (from_prev + from_next)).astype(g.dtype)
+
+
+@jax.custom_vjp
 def upsample2x(x: jax.Array) -> jax.Array:
-    """(..., H, W, C) -> (..., 2H, 2W, C), equal to ``jax.image.resize(x, ..., 'bilinear')``."""
+    """(..., H, W, C) -> (..., 2H, 2W, C), equal to ``jax.image.resize(x, ..., 'bilinear')``.
+
+    Its gradient is the stencil's transpose written out (``_upsample_axis_transpose``): what
+    autodiff derives from the slices, pads and stack is the same sum, but XLA:CPU fuses it into
+    loops several times slower (BENCHMARKS.md, "The upsampling's gradient").
+    """
     nd = x.ndim
     return _upsample_axis(_upsample_axis(x, nd - 3), nd - 2)
+
+
+def _upsample2x_fwd(x: jax.Array) -> tuple[jax.Array, None]:
+    return upsample2x(x), None
+
+
+def _upsample2x_bwd(_, g: jax.Array) -> tuple[jax.Array]:
+    nd = g.ndim
+    return (_upsample_axis_transpose(_upsample_axis_transpose(g, nd - 2), nd - 3),)
+
+
+upsample2x.defvjp(_upsample2x_fwd, _upsample2x_bwd)
 
 
 def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
