@@ -41,10 +41,13 @@ section 29: at 10 minutes on held-out images +0.035 tuned bPQ and +0.07 mPQ, inf
 gained from and this config did not (section 24): the boundary BCE weighted 30 and separation
 bands only where nuclei touch (``targets.contact_dilation``), each 0.01-0.02 bPQ below at 40
 minutes; the boundary BCE weighted 10 (section 35) gains at 10 minutes on one seed of two and
-ends 0.007 / 0.005 tuned bPQ / mPQ below at 40 minutes (0.398 / 0.315). Dense 3 x 3
-convolutions in the decoders' nodes (``model.node_conv = "dense"``, section 36) merge fewer
-touching nuclei on two seeds at 10 minutes (+0.050 / +0.037 untuned bPQ, +0.048 / +0.004
-tuned); not yet measured at 40 minutes.
+ends 0.007 / 0.005 tuned bPQ / mPQ below at 40 minutes (0.398 / 0.315).
+Dense 3 x 3 convolutions in the decoders' and BiFPNs' fusion nodes instead of the paper's
+depthwise ones (``model.node_conv = "dense"``, sections 36-37: with C_GB = 16 the depthwise
+nodes mix channels only through the FR blocks' global vectors): they merge fewer touching
+nuclei on both seeds measured at 10 minutes (+0.050 / +0.037 untuned bPQ, +0.048 / +0.004
+tuned), at the same step cost; level at 40 minutes (0.401 / 0.323 tuned against 0.405 / 0.320,
+untuned 0.344 / 0.282 against 0.344 / 0.275).
 
   python -m tsfd_jax train --config configs/consep.py --workdir runs/consep \
       --config.data.root ../shared/data/consep/train
@@ -128,6 +131,9 @@ def get_config(arg: str | None = None):
     # at 10 minutes on held-out images +0.009 to +0.012 tuned bPQ, at the same step cost; at 40
     # minutes 0.405 / 0.320 tuned against 0.402 / 0.318 (docs/learning.md §32).
     c.model.skip_depth = 2
+    # Dense 3x3 convolutions in the fusion nodes (not the paper): fewer merged nuclei at 10
+    # minutes on two seeds, level at 40 (docs/learning.md §36-37).
+    c.model.node_conv = "dense"
     # Post-processing tuned (and the best checkpoint kept) for binary PQ, CoNSeP's headline
     # instance metric (HoVer-Net reports it with per-type F1, not mPQ): on the 40-minute model
     # 0.402 / 0.318 bPQ / mPQ tuned against 0.394 / 0.320 tuned for mPQ (docs/learning.md §31).
