@@ -53,8 +53,9 @@ untuned 0.344 / 0.282 against 0.344 / 0.275).
       --config.data.root ../shared/data/consep/train
   python -m tsfd_jax evaluate --workdir runs/consep --tune --name val
 
-Speed on the 2 CPU cores: about 0.55-0.65 s per train step of 8 crops; the 3800 steps took
-40 minutes, compile and validations included (RESULTS.md, "CoNSeP, the decoders from the stem").
+Speed on the 2 CPU cores: about 0.4-0.5 s per train step of 8 crops (0.55-0.65 s before the
+cheaper augmentation and upsampling gradient of docs/learning.md §37); the 3800 steps took 36-42
+minutes before it, compile and validations included (RESULTS.md).
 The model stays far below HoVer-Net: a CPU starting point for measuring what helps on real data,
 not a usable CoNSeP model.
 
