@@ -42,7 +42,7 @@ gained from and this config did not (section 24): the boundary BCE weighted 30 a
 bands only where nuclei touch (``targets.contact_dilation``), each 0.01-0.02 bPQ below at 40
 minutes; the boundary BCE weighted 10 (section 35) gains at 10 minutes on one seed of two and
 ends 0.007 / 0.005 tuned bPQ / mPQ below at 40 minutes (0.398 / 0.315).
-Dense 3 x 3 convolutions in the decoders' and BiFPNs' fusion nodes instead of the paper's
+Dense 3 x 3 convolutions in the decoders' fusion nodes instead of the paper's
 depthwise ones (``model.node_conv = "dense"``, sections 36-37: with C_GB = 16 the depthwise
 nodes mix channels only through the FR blocks' global vectors): they merge fewer touching
 nuclei on both seeds measured at 10 minutes (+0.050 / +0.037 untuned bPQ, +0.048 / +0.004

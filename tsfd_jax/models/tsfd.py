@@ -37,8 +37,8 @@ from tsfd_jax.models.plain import TAPS as PLAIN_TAPS
 from tsfd_jax.models.plain import PlainEncoder
 from tsfd_jax.models.unet import UNet
 from tsfd_jax.ops.preprocess import check_boundary_kind, input_channels
-from tsfd_jax.ops.targets import BOUNDARY_CHANNELS
 from tsfd_jax.ops.resize import upsample2x
+from tsfd_jax.ops.targets import BOUNDARY_CHANNELS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PLAIN = "plain"   # model.backbone: the plain encoder (models/plain.py) instead of EfficientNet

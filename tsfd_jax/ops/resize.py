@@ -74,7 +74,7 @@ def upsample2x(x: jax.Array) -> jax.Array:
 
     Its gradient is the stencil's transpose written out (``_upsample_axis_transpose``): what
     autodiff derives from the slices, pads and stack is the same sum, but XLA:CPU fuses it into
-    loops several times slower (BENCHMARKS.md, "The upsampling's gradient").
+    slower loops (BENCHMARKS.md, "The augmentation's filters and the upsampling's gradient").
     """
     nd = x.ndim
     return _upsample_axis(_upsample_axis(x, nd - 3), nd - 2)
