@@ -685,6 +685,43 @@ def test_input_skip_gives_logits_at_the_input_resolution_starting_from_the_bilin
     np.testing.assert_allclose(moved["seg_logits"], out_skip["seg_logits"], atol=1e-6)
 
 
+def test_shared_input_skip_refines_both_heads_with_one_skip():
+    """model.shared_input_skip: one SkipRefine (``input_skip_refine``) on [both decoder maps,
+    the input's features] gives both heads' corrections (num_labels + boundary channels) in
+    place of one skip per head; it starts at zero like them (the logits are the heads' bilinear
+    x2), its first columns reach only the segmentation logits; it needs ``input_skip``."""
+    cfg = tiny_cfg()
+    cfg.model.input_skip = 8
+    x = jax.random.uniform(jax.random.key(1), input_shape(cfg, 2, 64))
+    apart_model = build_model(cfg)
+    apart = apart_model.init(jax.random.key(0), x, train=False)
+    cfg.model.shared_input_skip = True
+    shared_model = build_model(cfg)
+    shared = shared_model.init(jax.random.key(0), x, train=False)
+    assert set(apart["params"]) - set(shared["params"]) == {"seg_input_skip",
+                                                           "boundary_input_skip"}
+    assert set(shared["params"]) - set(apart["params"]) == {"input_skip_refine"}
+    labels, c_gb = len(cfg.data.label_names), int(cfg.model.gating_channels)
+    refine = shared["params"]["input_skip_refine"]
+    assert refine["conv"]["kernel"].shape == (3, 3, 2 * c_gb + 8, 8)
+    assert refine["out"]["kernel"].shape == (1, 1, 8, labels + 1)
+    out_apart = apart_model.apply(apart, x, train=False)
+    out_shared = shared_model.apply(shared, x, train=False)
+    for k in out_apart:
+        np.testing.assert_allclose(out_shared[k], out_apart[k], atol=1e-6)
+    kernel = refine["out"]["kernel"]
+    seg_only = jnp.zeros_like(kernel).at[..., :labels].set(1.0)
+    params = {**shared["params"],
+              "input_skip_refine": {**refine, "out": {**refine["out"], "kernel": seg_only}}}
+    moved = shared_model.apply({**shared, "params": params}, x, train=False)
+    assert np.abs(moved["seg_logits"] - out_shared["seg_logits"]).max() > 1e-3
+    np.testing.assert_allclose(moved["boundary_logits"], out_shared["boundary_logits"],
+                               atol=1e-6)
+    cfg.model.input_skip = 0
+    with pytest.raises(ValueError, match="shared_input_skip .* needs model.input_skip"):
+        build_model(cfg)
+
+
 def test_node_pointwise_adds_a_1x1_conv_to_every_fusion_node():
     """model.node_pointwise: one (1, 1, C, C) kernel in every fusion node of the BiFPNs and the
     decoders, nothing else; with those kernels set to the identity the network computes what

@@ -47,7 +47,8 @@ ADDED_FIELDS = {("model", "depthwise_impl"): "auto", ("model", "arch"): "tsfd",
                 ("model", "fused_stages"): 0,
                 ("model", "plain_features"): (16, 32, 64, 64, 64),
                 ("optim", "ema_decay"): 0.0, ("model", "input_depth"): 1,
-                ("model", "pool_stem"): False, ("model", "node_conv"): "depthwise"}
+                ("model", "pool_stem"): False, ("model", "node_conv"): "depthwise",
+                ("model", "shared_input_skip"): False}
 
 
 def config_json(cfg) -> str:

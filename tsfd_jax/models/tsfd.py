@@ -10,7 +10,8 @@ CBB = the same network without the TC head (Table 4). Data flow (docs/model.md):
     -> interlinked decoders ("decoders") -> S2, I2 (stride 4)
     -> output blocks ("seg_head", "boundary_head") -> logits at stride 2
     [not the paper: + stem skip ("seg_skip", "boundary_skip"), at stride 2;
-     + input skip ("input_skip", "seg_input_skip", "boundary_input_skip"), logits at stride 1]
+     + input skip ("input_skip", "seg_input_skip", "boundary_input_skip", or one
+       "input_skip_refine" for both heads), logits at stride 1]
     TC: GAP over the gated P7 -> Dropout(0.3) -> Dense(T) ("classifier"), logits.
 
 Outputs (float32 whatever the compute dtype): ``seg_logits`` (B, S/2, S/2, L) with L = number
@@ -109,6 +110,7 @@ class TSFDNet(nn.Module):
     input_skip: int = 0               # channels of SkipRefine from the input; 0 = the paper
     skip_depth: int = 1               # 3x3 conv layers in each SkipRefine
     input_depth: int = 1              # 3x3 conv layers on the input before the input skip
+    shared_input_skip: bool = False   # one input-skip SkipRefine for both heads
     align_taps: bool = False          # re-centre the backbone's maps (``align_to_input``)
     boundary_channels: int = 1        # 2 for HoVer-Net's maps (targets.boundary_kind="hv")
     layers: Layers = Layers()         # compute dtype, BatchNorm, depthwise lowering
@@ -156,12 +158,20 @@ class TSFDNet(nn.Module):
             f = layers.conv_bn_silu_stack(x, self.input_skip, self.input_depth, train,
                                           conv_name="input_skip", bn_name="input_skip_bn")
             full = x.shape[1:3]
-            out["seg_logits"] = resize_to(out["seg_logits"], full) + SkipRefine(
-                self.num_labels, self.input_skip, layers, self.skip_depth,
-                name="seg_input_skip")(seg_up, f, train)
-            out["boundary_logits"] = resize_to(out["boundary_logits"], full) + SkipRefine(
-                self.boundary_channels, self.input_skip, layers, self.skip_depth,
-                name="boundary_input_skip")(bdr_up, f, train)
+            if self.shared_input_skip:
+                # One refinement of both decoders' maps: the layers at the input resolution
+                # are the step's largest cost on a CPU (docs/learning.md §38).
+                both = SkipRefine(self.num_labels + self.boundary_channels, self.input_skip,
+                                  layers, self.skip_depth, name="input_skip_refine")(
+                    jnp.concatenate([seg_up, bdr_up], axis=-1), f, train)
+                seg_fix, bdr_fix = both[..., :self.num_labels], both[..., self.num_labels:]
+            else:
+                seg_fix = SkipRefine(self.num_labels, self.input_skip, layers, self.skip_depth,
+                                     name="seg_input_skip")(seg_up, f, train)
+                bdr_fix = SkipRefine(self.boundary_channels, self.input_skip, layers,
+                                     self.skip_depth, name="boundary_input_skip")(bdr_up, f, train)
+            out["seg_logits"] = resize_to(out["seg_logits"], full) + seg_fix
+            out["boundary_logits"] = resize_to(out["boundary_logits"], full) + bdr_fix
         if self.tissue_head:
             # TC on the gated P7 (docs/model.md); the softmax lives in the loss.
             v = jnp.mean(gated_top.astype(jnp.float32), axis=(1, 2))
@@ -220,6 +230,9 @@ def build_model(cfg) -> nn.Module:
     if str(m.node_conv) == "dense" and bool(m.node_pointwise):
         raise ValueError("model.node_pointwise adds a 1x1 conv after the nodes' depthwise conv; "
                          "with model.node_conv='dense' there is none, set one of the two")
+    if bool(m.shared_input_skip) and not int(m.input_skip):
+        raise ValueError("model.shared_input_skip shares the input skip between the heads; it "
+                         "needs model.input_skip > 0 (the skip's channels)")
     taps = tuple(m.taps)
     if not taps or taps == DEFAULT_TAPS:
         taps = PLAIN_TAPS if plain else stage_end_taps(width, depth)
@@ -245,7 +258,7 @@ def build_model(cfg) -> nn.Module:
         tissue_head=bool(m.tissue_head), classifier_dropout=float(m.classifier_dropout),
         stem_skip=int(m.stem_skip), input_skip=int(m.input_skip),
         skip_depth=int(m.skip_depth), input_depth=int(m.input_depth),
-        align_taps=bool(m.align_taps),
+        shared_input_skip=bool(m.shared_input_skip), align_taps=bool(m.align_taps),
         boundary_channels=boundary_channels, layers=model_layers(cfg))
 
 
