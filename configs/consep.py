@@ -48,6 +48,9 @@ nodes mix channels only through the FR blocks' global vectors): they merge fewer
 nuclei on both seeds measured at 10 minutes (+0.050 / +0.037 untuned bPQ, +0.048 / +0.004
 tuned), at the same step cost; level at 40 minutes (0.401 / 0.323 tuned against 0.405 / 0.320,
 untuned 0.344 / 0.282 against 0.344 / 0.275).
+One input skip for both heads (``model.shared_input_skip``, section 38) is not used: ahead
+untuned at 10 minutes on two seeds, tuned on one of them; at 40 minutes 0.326 / 0.258 untuned
+against 0.344 / 0.282 and 0.407 / 0.321 tuned against 0.401 / 0.323.
 
   python -m tsfd_jax train --config configs/consep.py --workdir runs/consep \
       --config.data.root ../shared/data/consep/train
