@@ -590,6 +590,12 @@ def _with_and_without(field: str, channels: int):
     return x, out[0], out[1]
 
 
+def _built(cfg, x):
+    """(model, variables) of a config, initialised from key 0 on ``x``."""
+    model = build_model(cfg)
+    return model, model.init(jax.random.key(0), x, train=False)
+
+
 def _moved(model, variables, x, head: str) -> dict:
     """Outputs with the last conv of ``head`` (a SkipRefine) set to ones instead of zeros."""
     params = dict(variables["params"])
@@ -693,11 +699,9 @@ def test_shared_input_skip_refines_both_heads_with_one_skip():
     cfg = tiny_cfg()
     cfg.model.input_skip = 8
     x = jax.random.uniform(jax.random.key(1), input_shape(cfg, 2, 64))
-    apart_model = build_model(cfg)
-    apart = apart_model.init(jax.random.key(0), x, train=False)
+    apart_model, apart = _built(cfg, x)
     cfg.model.shared_input_skip = True
-    shared_model = build_model(cfg)
-    shared = shared_model.init(jax.random.key(0), x, train=False)
+    shared_model, shared = _built(cfg, x)
     assert set(apart["params"]) - set(shared["params"]) == {"seg_input_skip",
                                                            "boundary_input_skip"}
     assert set(shared["params"]) - set(apart["params"]) == {"input_skip_refine"}
