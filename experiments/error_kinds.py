@@ -14,7 +14,16 @@ nucleus into one kind by the predicted instance that covers most of it:
 
   python experiments/error_kinds.py --eval runs/consep/eval/val --out runs/consep/error_kinds.json
 
-Prints a table (counts and shares; per class when the truth has several) and writes JSON.
+Then every predicted nucleus, per predicted class, the other way round (``PREDICTED_KINDS``):
+
+- matched: IoU > ``--match-iou`` with a true nucleus of its class;
+- wrong class: IoU > ``--match-iou`` with a true nucleus of another class;
+- merged: it covers at least ``--missed`` of two or more true nuclei;
+- unmatched: it covers at least ``--missed`` of one true nucleus, or at least ``--missed`` of
+  its pixels lie on nuclei (too large, a fragment);
+- spurious: neither (background, or the rims of nuclei).
+
+Prints two tables (counts and shares; per class when the truth has several) and writes JSON.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 KINDS = ("matched", "missed", "merged", "too_large", "fragmented")
+PREDICTED_KINDS = ("matched", "wrong_class", "merged", "unmatched", "spurious")
 
 
 def instance_map(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -71,6 +81,53 @@ def classify_image(true: np.ndarray, pred: np.ndarray, match_iou: float,
             covered[t - 1] = False
             out.append(("merged" if covered.any() else "too_large", cls))
     return out
+
+
+def classify_predictions(true: np.ndarray, pred: np.ndarray, match_iou: float,
+                         missed: float) -> list[tuple[str, int, int]]:
+    """(kind, predicted class index, area in px) of every predicted nucleus of one image."""
+    ti, tcls = instance_map(true)
+    pi, pcls = instance_map(pred)
+    nt, npred = int(ti.max()) + 1, int(pi.max()) + 1
+    overlap = np.bincount((ti * npred + pi).ravel(), minlength=nt * npred).reshape(nt, npred)
+    t_area, p_area = overlap.sum(1), overlap.sum(0)
+    true_class = np.full(nt, -1)
+    true_class[ti.ravel()] = tcls.ravel()
+    pred_class = np.full(npred, -1)
+    pred_class[pi.ravel()] = pcls.ravel()
+    out = []
+    for p in range(1, npred):
+        col = overlap[1:, p]
+        iou = col / (t_area[1:] + p_area[p] - col)
+        best = int(np.argmax(iou)) if len(iou) else -1
+        cls = int(pred_class[p])
+        if best >= 0 and iou[best] > match_iou:
+            kind = "matched" if true_class[best + 1] == cls else "wrong_class"
+        elif np.sum(col >= missed * t_area[1:]) >= 2:
+            kind = "merged"
+        elif np.any(col >= missed * t_area[1:]) or col.sum() >= missed * p_area[p]:
+            kind = "unmatched"
+        else:
+            kind = "spurious"
+        out.append((kind, cls, int(p_area[p])))
+    return out
+
+
+def summarise_predictions(kinds: list[tuple[str, int, int]], class_names: list[str]) -> dict:
+    """Counts and shares of ``PREDICTED_KINDS`` per predicted class (and for all), with the
+    median area of the matched and wrong-class ones (how large the model draws nuclei)."""
+    def counts(sel):
+        n = len(sel)
+        areas = [a for k, a in sel if k in ("matched", "wrong_class")]
+        return {"predicted": n, **{k: sum(1 for s, _ in sel if s == k) for k in PREDICTED_KINDS},
+                **{f"{k}_share": (sum(1 for s, _ in sel if s == k) / n if n else 0.0)
+                   for k in PREDICTED_KINDS},
+                "median_area_matched": float(np.median(areas)) if areas else 0.0}
+    result = {"all": counts([(k, a) for k, _, a in kinds])}
+    if len(class_names) > 1:
+        for c, name in enumerate(class_names):
+            result[name] = counts([(k, a) for k, cc, a in kinds if cc == c])
+    return result
 
 
 def summarise(kinds: list[tuple[str, int]], class_names: list[str]) -> dict:
@@ -125,13 +182,26 @@ def main(argv: list[str] | None = None) -> None:
     for name, row in result.items():
         print(f"| {name} | {row['nuclei']} | "
               + " | ".join(f"{row[k]} ({100 * row[k + '_share']:.0f} %)" for k in KINDS) + " |")
+    predicted = summarise_predictions(
+        [k for t, pr in zip(true, pred)
+         for k in classify_predictions(t, pr, args.match_iou, args.missed)], names)
+    print("kinds of the predicted nuclei")
+    print("| predicted as | count | " + " | ".join(PREDICTED_KINDS)
+          + " | median px (matched, wrong class) |")
+    print("|---|---:|" + "---:|" * (len(PREDICTED_KINDS) + 1))
+    for name, row in predicted.items():
+        print(f"| {name} | {row['predicted']} | "
+              + " | ".join(f"{row[k]} ({100 * row[k + '_share']:.0f} %)"
+                           for k in PREDICTED_KINDS)
+              + f" | {row['median_area_matched']:.0f} |")
     if args.out:
         from tsfd_jax.atomic import write_json
 
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_json(args.out, {"eval": str(folder), "images": len(true),
                               "match_iou": args.match_iou, "missed": args.missed,
-                              "date": datetime.date.today().isoformat(), "kinds": result})
+                              "date": datetime.date.today().isoformat(), "kinds": result,
+                              "predicted_kinds": predicted})
 
 
 if __name__ == "__main__":

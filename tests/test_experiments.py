@@ -488,6 +488,34 @@ def test_error_kinds_sorts_every_true_nucleus(tmp_path):
     assert kinds["class1"]["merged"] == 2 and kinds["class0"]["missed"] == 1
 
 
+def test_error_kinds_sorts_every_predicted_nucleus(tmp_path):
+    """Per predicted class: a copy of a class-0 nucleus (matched), a copy of a class-1 nucleus
+    called class 0 (wrong class), one prediction over two touching class-0 nuclei (merged);
+    called class 1: half of a nucleus (unmatched) and a blob on background (spurious)."""
+    from experiments import error_kinds
+
+    truth = to_pannuke_masks(*boxes((64, 64), [
+        (1, 1, 2, 10, 2, 10), (2, 2, 2, 10, 20, 28), (3, 1, 20, 28, 2, 10),
+        (4, 1, 20, 28, 10, 18), (5, 2, 40, 56, 2, 18)]), 2)
+    pinst, ptyp = boxes((64, 64), [(1, 1, 2, 10, 2, 10), (2, 1, 2, 10, 20, 28),
+                                   (3, 1, 20, 28, 2, 18), (4, 2, 40, 56, 2, 10),
+                                   (5, 2, 50, 60, 40, 50)])
+    pred = to_pannuke_masks(pinst, ptyp, 2)
+    (tmp_path / "true").mkdir()
+    np.save(tmp_path / "masks.npy", pred[None])
+    np.save(tmp_path / "true" / "masks.npy", truth[None])
+    out = tmp_path / "kinds.json"
+    error_kinds.main(["--eval", str(tmp_path), "--out", str(out)])
+    kinds = json.loads(out.read_text())["predicted_kinds"]
+    counts = {name: {k: kinds[name][k] for k in error_kinds.PREDICTED_KINDS}
+              for name in ("class0", "class1")}
+    assert counts == {"class0": {"matched": 1, "wrong_class": 1, "merged": 1, "unmatched": 0,
+                                 "spurious": 0},
+                      "class1": {"matched": 0, "wrong_class": 0, "merged": 0, "unmatched": 1,
+                                 "spurious": 1}}
+    assert kinds["class0"]["median_area_matched"] == 64 and kinds["all"]["predicted"] == 5
+
+
 def test_step_probes_interleave_the_runs_in_alternating_order(monkeypatch):
     calls = []
 
