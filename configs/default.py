@@ -111,6 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.input_skip = 0              # not the paper: logits at the input resolution (channels)
     m.skip_depth = 1              # 3x3 conv layers of each stem / input skip
     m.shared_input_skip = False   # not the paper: one input skip for both heads
+    m.output_blocks = True        # False, not the paper: the input skip alone gives the logits
     m.input_depth = 1             # 3x3 conv layers on the input before the input skip's join
     m.align_taps = False          # not the paper: backbone maps re-centred for the BiFPN's resizes
     m.bn_momentum = 0.99          # BatchNorm running-average decay (Keras default, §1.1)

@@ -726,6 +726,37 @@ def test_shared_input_skip_refines_both_heads_with_one_skip():
         build_model(cfg)
 
 
+def test_without_output_blocks_the_input_skips_are_the_heads():
+    """model.output_blocks=False: no ``seg_head``/``boundary_head``; the logits are the input
+    skips' outputs alone (equal to what the skips add to the heads, given the same weights),
+    their last conv drawn at random instead of zero; it needs ``input_skip``."""
+    cfg = tiny_cfg()
+    cfg.model.input_skip = 8
+    x = jax.random.uniform(jax.random.key(1), input_shape(cfg, 2, 64))
+    with_model, with_blocks = _built(cfg, x)
+    cfg.model.output_blocks = False
+    model, variables = _built(cfg, x)
+    assert set(with_blocks["params"]) - set(variables["params"]) == {"seg_head",
+                                                                     "boundary_head"}
+    assert set(variables["params"]) <= set(with_blocks["params"])
+    for head in ("seg_input_skip", "boundary_input_skip"):
+        assert np.abs(variables["params"][head]["out"]["kernel"]).max() > 0
+    out = model.apply(variables, x, train=False)
+    assert out["seg_logits"].shape == x.shape[:3] + (len(cfg.data.label_names),)
+    assert out["boundary_logits"].shape == x.shape[:3] + (1,)
+    # The same skip weights in the model with output blocks: its logits minus its heads'
+    # bilinear logits (the skips' zero-initialised corrections replaced) are these logits.
+    params = {**with_blocks["params"],
+              **{h: variables["params"][h] for h in ("seg_input_skip", "boundary_input_skip")}}
+    plain = with_model.apply(with_blocks, x, train=False)
+    moved = with_model.apply({**with_blocks, "params": params}, x, train=False)
+    for k in ("seg_logits", "boundary_logits"):
+        np.testing.assert_allclose(moved[k] - plain[k], out[k], atol=1e-5)
+    cfg.model.input_skip = 0
+    with pytest.raises(ValueError, match="output_blocks=False .* needs model.input_skip"):
+        build_model(cfg)
+
+
 def test_node_pointwise_adds_a_1x1_conv_to_every_fusion_node():
     """model.node_pointwise: one (1, 1, C, C) kernel in every fusion node of the BiFPNs and the
     decoders, nothing else; with those kernels set to the identity the network computes what

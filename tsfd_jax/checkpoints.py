@@ -48,7 +48,7 @@ ADDED_FIELDS = {("model", "depthwise_impl"): "auto", ("model", "arch"): "tsfd",
                 ("model", "plain_features"): (16, 32, 64, 64, 64),
                 ("optim", "ema_decay"): 0.0, ("model", "input_depth"): 1,
                 ("model", "pool_stem"): False, ("model", "node_conv"): "depthwise",
-                ("model", "shared_input_skip"): False}
+                ("model", "shared_input_skip"): False, ("model", "output_blocks"): True}
 
 
 def config_json(cfg) -> str:

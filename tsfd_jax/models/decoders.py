@@ -108,17 +108,19 @@ class SkipRefine(nn.Module):
     stride 2, or the input's own at stride 1). (B, H, W, C) + (B, kH, kW, C_f) -> (B, kH, kW,
     features):
     concat -> [conv 3x3 (``channels``) -> BN -> swish] x ``depth`` -> conv 1x1. The last conv
-    starts at zero, so an untrained refinement leaves the paper's head unchanged."""
+    starts at zero (``zero_init``), so an untrained refinement leaves the paper's head
+    unchanged; without a head to refine (``model.output_blocks=False``) it starts random."""
 
     features: int
     channels: int
     layers: Layers = Layers()
     depth: int = 1
+    zero_init: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, stem: jax.Array, train: bool) -> jax.Array:
         h = jnp.concatenate([resize_to(x, stem.shape[1:3]), stem.astype(x.dtype)], axis=-1)
         h = self.layers.conv_bn_silu_stack(h, self.channels, self.depth, train,
                                            conv_name="conv", bn_name="bn")
-        return self.layers.conv(self.features, 1, kernel_init=nn.initializers.zeros,
-                                name="out")(h)
+        init = nn.initializers.zeros if self.zero_init else nn.initializers.lecun_normal()
+        return self.layers.conv(self.features, 1, kernel_init=init, name="out")(h)

@@ -11,7 +11,8 @@ CBB = the same network without the TC head (Table 4). Data flow (docs/model.md):
     -> output blocks ("seg_head", "boundary_head") -> logits at stride 2
     [not the paper: + stem skip ("seg_skip", "boundary_skip"), at stride 2;
      + input skip ("input_skip", "seg_input_skip", "boundary_input_skip", or one
-       "input_skip_refine" for both heads), logits at stride 1]
+       "input_skip_refine" for both heads), logits at stride 1; with
+       ``output_blocks=False`` the input skip alone gives the logits, no output blocks]
     TC: GAP over the gated P7 -> Dropout(0.3) -> Dense(T) ("classifier"), logits.
 
 Outputs (float32 whatever the compute dtype): ``seg_logits`` (B, S/2, S/2, L) with L = number
@@ -23,6 +24,8 @@ docs/model.md).
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -111,6 +114,7 @@ class TSFDNet(nn.Module):
     skip_depth: int = 1               # 3x3 conv layers in each SkipRefine
     input_depth: int = 1              # 3x3 conv layers on the input before the input skip
     shared_input_skip: bool = False   # one input-skip SkipRefine for both heads
+    output_blocks: bool = True        # False: the input skip alone gives the logits
     align_taps: bool = False          # re-centre the backbone's maps (``align_to_input``)
     boundary_channels: int = 1        # 2 for HoVer-Net's maps (targets.boundary_kind="hv")
     layers: Layers = Layers()         # compute dtype, BatchNorm, depthwise lowering
@@ -140,11 +144,12 @@ class TSFDNet(nn.Module):
         # The decoders' maps upsampled once for the heads and the skips (which resize them on
         # from there): one backward pass of the upsampling per map.
         seg_up, bdr_up = upsample2x(seg), upsample2x(bdr)
-        out = {
-            "seg_logits": UpsamplingBlock(self.num_labels, layers, name="seg_head")(seg, seg_up),
-            "boundary_logits": UpsamplingBlock(self.boundary_channels, layers,
-                                               name="boundary_head")(bdr, bdr_up),
-        }
+        out = {}
+        if self.output_blocks:
+            out["seg_logits"] = UpsamplingBlock(self.num_labels, layers,
+                                                name="seg_head")(seg, seg_up)
+            out["boundary_logits"] = UpsamplingBlock(self.boundary_channels, layers,
+                                                     name="boundary_head")(bdr, bdr_up)
         if self.stem_skip:
             stem = feats["stem"]
             out["seg_logits"] += SkipRefine(self.num_labels, self.stem_skip, layers,
@@ -158,20 +163,25 @@ class TSFDNet(nn.Module):
             f = layers.conv_bn_silu_stack(x, self.input_skip, self.input_depth, train,
                                           conv_name="input_skip", bn_name="input_skip_bn")
             full = x.shape[1:3]
+            # Without output blocks the skips are the heads, as a UNet's last level: their last
+            # convolution starts from the usual random weights instead of zero.
+            refine = functools.partial(SkipRefine, channels=self.input_skip, layers=layers,
+                                       depth=self.skip_depth, zero_init=self.output_blocks)
             if self.shared_input_skip:
                 # One refinement of both decoders' maps: the layers at the input resolution
                 # are the step's largest cost on a CPU (docs/learning.md §38).
-                both = SkipRefine(self.num_labels + self.boundary_channels, self.input_skip,
-                                  layers, self.skip_depth, name="input_skip_refine")(
+                both = refine(self.num_labels + self.boundary_channels,
+                              name="input_skip_refine")(
                     jnp.concatenate([seg_up, bdr_up], axis=-1), f, train)
                 seg_fix, bdr_fix = both[..., :self.num_labels], both[..., self.num_labels:]
             else:
-                seg_fix = SkipRefine(self.num_labels, self.input_skip, layers, self.skip_depth,
-                                     name="seg_input_skip")(seg_up, f, train)
-                bdr_fix = SkipRefine(self.boundary_channels, self.input_skip, layers,
-                                     self.skip_depth, name="boundary_input_skip")(bdr_up, f, train)
-            out["seg_logits"] = resize_to(out["seg_logits"], full) + seg_fix
-            out["boundary_logits"] = resize_to(out["boundary_logits"], full) + bdr_fix
+                seg_fix = refine(self.num_labels, name="seg_input_skip")(seg_up, f, train)
+                bdr_fix = refine(self.boundary_channels, name="boundary_input_skip")(
+                    bdr_up, f, train)
+            if self.output_blocks:
+                seg_fix = resize_to(out["seg_logits"], full) + seg_fix
+                bdr_fix = resize_to(out["boundary_logits"], full) + bdr_fix
+            out["seg_logits"], out["boundary_logits"] = seg_fix, bdr_fix
         if self.tissue_head:
             # TC on the gated P7 (docs/model.md); the softmax lives in the loss.
             v = jnp.mean(gated_top.astype(jnp.float32), axis=(1, 2))
@@ -233,6 +243,9 @@ def build_model(cfg) -> nn.Module:
     if bool(m.shared_input_skip) and not int(m.input_skip):
         raise ValueError("model.shared_input_skip shares the input skip between the heads; it "
                          "needs model.input_skip > 0 (the skip's channels)")
+    if not bool(m.output_blocks) and not int(m.input_skip):
+        raise ValueError("model.output_blocks=False leaves the logits to the input skip; it "
+                         "needs model.input_skip > 0 (the skip's channels)")
     taps = tuple(m.taps)
     if not taps or taps == DEFAULT_TAPS:
         taps = PLAIN_TAPS if plain else stage_end_taps(width, depth)
@@ -258,7 +271,8 @@ def build_model(cfg) -> nn.Module:
         tissue_head=bool(m.tissue_head), classifier_dropout=float(m.classifier_dropout),
         stem_skip=int(m.stem_skip), input_skip=int(m.input_skip),
         skip_depth=int(m.skip_depth), input_depth=int(m.input_depth),
-        shared_input_skip=bool(m.shared_input_skip), align_taps=bool(m.align_taps),
+        shared_input_skip=bool(m.shared_input_skip), output_blocks=bool(m.output_blocks),
+        align_taps=bool(m.align_taps),
         boundary_channels=boundary_channels, layers=model_layers(cfg))
 
 
