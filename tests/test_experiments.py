@@ -463,6 +463,18 @@ def test_target_ceiling_loses_thin_nuclei_only_to_bands_on_every_contour(tmp_pat
     assert "| contacts6 | 0 | 2 |" in capsys.readouterr().out
 
 
+def _error_kinds(folder, truth, pred) -> dict:
+    """experiments/error_kinds.py's JSON for one image, as an evaluate folder holds it."""
+    from experiments import error_kinds
+
+    (folder / "true").mkdir()
+    np.save(folder / "masks.npy", pred[None])
+    np.save(folder / "true" / "masks.npy", truth[None])
+    out = folder / "kinds.json"
+    error_kinds.main(["--eval", str(folder), "--out", str(out)])
+    return json.loads(out.read_text())
+
+
 def test_error_kinds_sorts_every_true_nucleus(tmp_path):
     """Five true nuclei, one of each kind: a copy (matched), one with no prediction (missed), two
     touching ones predicted as one (merged), one inside a prediction three times its size (too
@@ -477,12 +489,7 @@ def test_error_kinds_sorts_every_true_nucleus(tmp_path):
                                    (3, 1, 36, 50, 36, 50), (4, 1, 40, 56, 2, 10),
                                    (5, 1, 40, 56, 10, 18)])
     pred = to_pannuke_masks(pinst, ptyp, 2)
-    (tmp_path / "true").mkdir()
-    np.save(tmp_path / "masks.npy", pred[None])
-    np.save(tmp_path / "true" / "masks.npy", truth[None])
-    out = tmp_path / "kinds.json"
-    error_kinds.main(["--eval", str(tmp_path), "--out", str(out)])
-    kinds = json.loads(out.read_text())["kinds"]
+    kinds = _error_kinds(tmp_path, truth, pred)["kinds"]
     assert {k: kinds["all"][k] for k in error_kinds.KINDS} == {
         "matched": 1, "missed": 1, "merged": 2, "too_large": 1, "fragmented": 1}
     assert kinds["class1"]["merged"] == 2 and kinds["class0"]["missed"] == 1
@@ -501,12 +508,7 @@ def test_error_kinds_sorts_every_predicted_nucleus(tmp_path):
                                    (3, 1, 20, 28, 2, 18), (4, 2, 40, 56, 2, 10),
                                    (5, 2, 50, 60, 40, 50)])
     pred = to_pannuke_masks(pinst, ptyp, 2)
-    (tmp_path / "true").mkdir()
-    np.save(tmp_path / "masks.npy", pred[None])
-    np.save(tmp_path / "true" / "masks.npy", truth[None])
-    out = tmp_path / "kinds.json"
-    error_kinds.main(["--eval", str(tmp_path), "--out", str(out)])
-    kinds = json.loads(out.read_text())["predicted_kinds"]
+    kinds = _error_kinds(tmp_path, truth, pred)["predicted_kinds"]
     counts = {name: {k: kinds[name][k] for k in error_kinds.PREDICTED_KINDS}
               for name in ("class0", "class1")}
     assert counts == {"class0": {"matched": 1, "wrong_class": 1, "merged": 1, "unmatched": 0,
