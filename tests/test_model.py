@@ -752,7 +752,10 @@ def test_without_output_blocks_the_input_skips_are_the_heads():
     moved = with_model.apply({**with_blocks, "params": params}, x, train=False)
     for k in ("seg_logits", "boundary_logits"):
         np.testing.assert_allclose(moved[k] - plain[k], out[k], atol=1e-5)
-    cfg.model.input_skip = 0
+    cfg.model.stem_skip = 8
+    with pytest.raises(ValueError, match="stem_skip refines the output blocks"):
+        build_model(cfg)
+    cfg.model.stem_skip, cfg.model.input_skip = 0, 0
     with pytest.raises(ValueError, match="output_blocks=False .* needs model.input_skip"):
         build_model(cfg)
 

@@ -246,6 +246,9 @@ def build_model(cfg) -> nn.Module:
     if not bool(m.output_blocks) and not int(m.input_skip):
         raise ValueError("model.output_blocks=False leaves the logits to the input skip; it "
                          "needs model.input_skip > 0 (the skip's channels)")
+    if not bool(m.output_blocks) and int(m.stem_skip):
+        raise ValueError("model.stem_skip refines the output blocks' logits; with "
+                         "model.output_blocks=False there are none, set model.stem_skip=0")
     taps = tuple(m.taps)
     if not taps or taps == DEFAULT_TAPS:
         taps = PLAIN_TAPS if plain else stage_end_taps(width, depth)
