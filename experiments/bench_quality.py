@@ -3,11 +3,13 @@
 Every run goes through the project's own pipeline (``loop.train_and_evaluate``, then
 ``evaluate_workdir`` on the config's test split, untuned and with post-processing tuned on the
 validation split, docs/learning.md), so two rows differ only by what their configs change.
-Equal budget: every config's train step is timed before any run trains (compile excluded;
-``--probe-rounds`` probes per run, interleaved across the runs with the order reversed every
-other round, because a VM's speed drifts by a third between minutes: BENCHMARKS.md), and each
-run's ``total_steps`` set from its median so that training takes ``--budget-min`` minutes; the
-whole schedule (warm-up, cosine) is then run, so no run is cut off mid-schedule.
+Equal budget: every config's step is timed in the training loop, input pipeline included,
+before any run trains (compile excluded; ``--probe-rounds`` probes per run, interleaved across
+the runs with the order reversed every other round, because a VM's speed drifts by a third
+between minutes: BENCHMARKS.md), and each run's ``total_steps`` set from its median so that
+training takes ``--budget-min`` minutes; the whole schedule (warm-up, cosine) is then run, so
+no run is cut off mid-schedule. Each row also gives the seconds its steps took in training (from
+its log), the check that the budget was shared fairly.
 
 Datasets: ``synthetic`` (PanNuke-format folds written by data/synthetic.py at the configs'
 ``data.synth_image_size``, 256 px for the demo-size configs, which train on random crops of
@@ -81,27 +83,58 @@ def parse_run(text: str) -> tuple[str, str, list[str]]:
     return name, spec, words[1:]
 
 
-def seconds_per_step(cfg, warmup: int = 2, iters: int = 6) -> float:
-    """Seconds per train step of ``cfg`` at its own sizes (compile and warm-up excluded)."""
+def seconds_per_step(cfg, steps: int = 12, workdir: Path | None = None) -> float:
+    """Seconds per step of ``cfg`` in the training loop itself, its input pipeline included:
+    ``2 * steps`` steps in ``workdir`` (a scratch folder when None; a given one keeps its
+    prepared data between probes, its run is removed first), the second ``steps`` timed
+    (compile and warm-up excluded). The compiled step timed alone on one synthetic batch left the
+    input pipeline out: on CoNSeP the steps then took 7-9 % longer in training than probed, for
+    both models of a call alike (BENCHMARKS.md)."""
     import copy
+    import shutil
+    import tempfile
 
-    from experiments.bench_train import bench_step
+    from tsfd_jax.loop import train_and_evaluate
 
     probe = copy.deepcopy(cfg)
-    r = bench_step(probe, int(cfg.data.global_batch_size), int(cfg.data.image_size), warmup,
-                   iters)
-    return r["s_per_step"]
+    probe.total_steps = 2 * steps
+    probe.log_every_steps = steps
+    probe.eval_every_steps = 0
+    probe.checkpoint_every_steps = 2 * steps
+    probe.keep_checkpoints = 1
+    with tempfile.TemporaryDirectory(prefix="probe-") as tmp:
+        folder = Path(workdir or tmp)
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+        (folder / "metrics.jsonl").unlink(missing_ok=True)
+        train_and_evaluate(probe, folder, overwrite=True, progress=False)
+        timed = logged_seconds_per_step(folder, int(cfg.data.global_batch_size))
+    if timed is None:
+        raise RuntimeError(f"{folder}: the probe's training log holds no timed interval")
+    return timed
 
 
-def interleaved_probes(cfgs: list, rounds: int) -> list[list[float]]:
+def logged_seconds_per_step(workdir: Path, batch: int) -> float | None:
+    """Median seconds per step over the intervals of ``workdir``'s training log, the first
+    (which holds the compile) left out; None when there is no later interval."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rates = [row["train_images_per_s"] for row in map(json.loads, path.read_text().splitlines())
+             if "train_images_per_s" in row]
+    return batch / float(np.median(rates[1:])) if len(rates) > 1 else None
+
+
+def interleaved_probes(cfgs: list, rounds: int,
+                       workdirs: list[Path] | None = None) -> list[list[float]]:
     """Seconds per step of every config, probed ``rounds`` times, the order reversed every other
     round (A B, B A, ...): a VM's speed drifts between minutes, and each run's budget in steps
-    must come from the same minutes as the others'."""
+    must come from the same minutes as the others'. ``workdirs``: one probe folder per config."""
     probes: list[list[float]] = [[] for _ in cfgs]
     for r in range(max(rounds, 1)):
         order = range(len(cfgs)) if r % 2 == 0 else reversed(range(len(cfgs)))
         for i in order:
-            probes[i].append(seconds_per_step(cfgs[i]))
+            probes[i].append(seconds_per_step(cfgs[i]) if workdirs is None
+                             else seconds_per_step(cfgs[i], workdir=workdirs[i]))
     return probes
 
 
@@ -121,6 +154,12 @@ def train_for_budget(cfg, workdir: Path, budget_s: float, s_step: float | None =
     train_and_evaluate(cfg, workdir, overwrite=True, progress=False)
     return {"steps": steps, "s_per_step_probe": s_step, "train_wall_s": time.perf_counter() - t0,
             "images_seen": steps * int(cfg.data.global_batch_size)}
+
+
+def _probed_and_trained(row: dict) -> str:
+    """'probed -> trained' seconds per step, for the table."""
+    trained = row.get("s_per_step_trained")
+    return f"{row['s_per_step_probe']:.3f}->" + ("-" if trained is None else f"{trained:.3f}")
 
 
 def scores(eval_dir: Path) -> dict:
@@ -267,7 +306,7 @@ def main() -> None:
     sd_python = (stardist_python(args.stardist_python or sys.executable)
                  if args.dataset == "consep" else "")
     rows = []
-    header = (f"{'run':<16} {'steps':>6} {'images':>7} {'train s':>8} {'bPQ':>6} {'mPQ':>6} "
+    header = (f"{'run':<16} {'steps':>6} {'images':>7} {'train s':>8} {'s/step':>13} {'bPQ':>6} {'mPQ':>6} "
               f"{'Dice':>6} {'F1d':>6} {'bPQ tuned':>9} {'mPQ tuned':>9}  per-class PQ (tuned)")
     prepared = []
     for name, spec, overrides in runs:
@@ -292,13 +331,17 @@ def main() -> None:
                 root, Path(args.data), args.test_fraction, 1, tuple(cfg.data.label_names)[1:])
             cfg.data.root, test_split = str(train_dir), "train"
         prepared.append((name, spec, overrides, cfg, test_data, test_split))
-    probes = interleaved_probes([p[3] for p in prepared], args.probe_rounds)
+    probes = interleaved_probes([p[3] for p in prepared], args.probe_rounds,
+                                [root / f"{args.dataset}-{p[0]}-probe" for p in prepared])
     print(header)
     for (name, spec, overrides, cfg, test_data, test_split), probed in zip(prepared, probes):
         workdir = root / f"{args.dataset}-{name}"
         trained = train_for_budget(cfg, workdir, 60.0 * args.budget_min,
                                    float(np.median(probed)))
         trained["s_per_step_probes"] = probed
+        # What each step took in training: the check that the probes shared the budget fairly.
+        trained["s_per_step_trained"] = logged_seconds_per_step(
+            workdir, int(cfg.data.global_batch_size))
         test = {"data": str(test_data), "split": test_split}
         untuned = scores(evaluate_workdir(workdir, checkpoint="last", name="untuned",
                                           overwrite=True, tuned=False, **test))
@@ -313,7 +356,7 @@ def main() -> None:
         t = row.get("tuned", untuned)
         cls = " ".join("-" if v is None else f"{v:.2f}" for v in t["class_PQ"].values())
         print(f"{name:<16} {row['steps']:>6} {row['images_seen']:>7} {row['train_wall_s']:>8.0f} "
-              f"{untuned['bPQ']:>6.3f} {untuned['mPQ']:>6.3f} {untuned.get('dice', 0):>6.3f} "
+              f"{_probed_and_trained(row):>13} {untuned['bPQ']:>6.3f} {untuned['mPQ']:>6.3f} {untuned.get('dice', 0):>6.3f} "
               f"{untuned['det_F1']:>6.3f} {t['bPQ']:>9.3f} {t['mPQ']:>9.3f}  {cls}", flush=True)
         if args.out:
             write_json(args.out, {"machine": machine(), "args": vars(args), "rows": rows})
@@ -325,7 +368,7 @@ def main() -> None:
             rows.append(row)
             cls = " ".join(f"{v:.2f}" for v in row["class_PQ"].values())
             print(f"{'stardist':<16} {row['steps']:>6} {row['images_seen']:>7} "
-                  f"{row['train_wall_s']:>8.0f} {row['bPQ']:>6.3f} {row['mPQ']:>6.3f} "
+                  f"{row['train_wall_s']:>8.0f} {'-':>13} {row['bPQ']:>6.3f} {row['mPQ']:>6.3f} "
                   f"{row['dice']:>6.3f} {row['det_F1']:>6.3f} {'-':>9} {'-':>9}  {cls}\n"
                   f"  stardist: {STARDIST_NOTE}", flush=True)
             if args.out:

@@ -531,6 +531,44 @@ def test_step_probes_interleave_the_runs_in_alternating_order(monkeypatch):
     assert probes == [[1.0, 4.0, 5.0], [2.0, 3.0, 6.0]]
 
 
+def test_logged_seconds_per_step_leaves_out_the_interval_that_compiled(tmp_path):
+    """Seconds per step from a training log: the median of the intervals' rates after the
+    first (which holds the compile), validation rows ignored; None without a later interval."""
+    rows = [{"step": 10, "train_images_per_s": 2.0},
+            {"step": 20, "train_loss": 1.0, "train_images_per_s": 16.0},
+            {"step": 20, "bPQ": 0.3},
+            {"step": 30, "train_images_per_s": 20.0},
+            {"step": 40, "train_images_per_s": 12.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert bench_quality.logged_seconds_per_step(tmp_path, 8) == pytest.approx(8 / 16.0)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert bench_quality.logged_seconds_per_step(tmp_path, 8) is None
+    assert bench_quality.logged_seconds_per_step(tmp_path / "none", 8) is None
+
+
+def test_step_probe_times_the_training_loop_and_starts_afresh_each_time(tmp_path):
+    """The probe trains 2 x steps in its folder and times the second half from the loop's log;
+    a second probe in the same folder removes the first one's run (not its prepared data), so
+    its log holds its own two intervals only."""
+    from configs import tiny
+    from tsfd_jax.data.synthetic import write_pannuke
+
+    write_pannuke(tmp_path / "synthetic", num_images=8, seed=0, folds=3, image_size=32)
+    cfg = tiny.get_config()
+    cfg.data.root = str(tmp_path / "synthetic")
+    cfg.model.arch, cfg.model.unet_features = "unet", (4, 8)
+    cfg.input.size = 32
+    folder = tmp_path / "probe"
+    for _ in range(2):
+        s = bench_quality.seconds_per_step(cfg, steps=2, workdir=folder)
+        assert 0 < s < 60
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert s == pytest.approx(cfg.data.global_batch_size / rows[1]["train_images_per_s"])
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["4"]
+    assert cfg.total_steps != 4  # the probe changed a copy
+
+
 def test_bn_reestimate_pools_population_statistics_over_batches():
     """A BatchNorm on the raw inputs, measured over three batches whose means differ, holds
     the mean and (biased) variance of all their samples together (numpy, float64), not the
