@@ -88,28 +88,29 @@ def seconds_per_step(cfg, steps: int = 12, workdir: Path | None = None) -> float
     ``2 * steps`` steps in ``workdir`` (a scratch folder when None; a given one keeps its
     prepared data between probes, its run is removed first), the second ``steps`` timed
     (compile and warm-up excluded). The compiled step timed alone on one synthetic batch left the
-    input pipeline out: on CoNSeP the steps then took 7-9 % longer in training than probed, for
-    both models of a call alike (BENCHMARKS.md)."""
+    input pipeline out: on CoNSeP the steps then took mostly 6-10 % longer in training than
+    probed, both models of a call alike (BENCHMARKS.md)."""
     import copy
     import shutil
     import tempfile
 
     from tsfd_jax.loop import train_and_evaluate
 
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix="probe-") as tmp:
+            return seconds_per_step(cfg, steps, Path(tmp))
     probe = copy.deepcopy(cfg)
     probe.total_steps = 2 * steps
     probe.log_every_steps = steps
     probe.eval_every_steps = 0
     probe.checkpoint_every_steps = 2 * steps
     probe.keep_checkpoints = 1
-    with tempfile.TemporaryDirectory(prefix="probe-") as tmp:
-        folder = Path(workdir or tmp)
-        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
-        (folder / "metrics.jsonl").unlink(missing_ok=True)
-        train_and_evaluate(probe, folder, overwrite=True, progress=False)
-        timed = logged_seconds_per_step(folder, int(cfg.data.global_batch_size))
+    shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+    (workdir / "metrics.jsonl").unlink(missing_ok=True)
+    train_and_evaluate(probe, workdir, overwrite=True, progress=False)
+    timed = logged_seconds_per_step(workdir, int(cfg.data.global_batch_size))
     if timed is None:
-        raise RuntimeError(f"{folder}: the probe's training log holds no timed interval")
+        raise RuntimeError(f"{workdir}: the probe's training log holds no timed interval")
     return timed
 
 
@@ -306,8 +307,9 @@ def main() -> None:
     sd_python = (stardist_python(args.stardist_python or sys.executable)
                  if args.dataset == "consep" else "")
     rows = []
-    header = (f"{'run':<16} {'steps':>6} {'images':>7} {'train s':>8} {'s/step':>13} {'bPQ':>6} {'mPQ':>6} "
-              f"{'Dice':>6} {'F1d':>6} {'bPQ tuned':>9} {'mPQ tuned':>9}  per-class PQ (tuned)")
+    header = (f"{'run':<16} {'steps':>6} {'images':>7} {'train s':>8} {'s/step':>13} "
+              f"{'bPQ':>6} {'mPQ':>6} {'Dice':>6} {'F1d':>6} {'bPQ tuned':>9} {'mPQ tuned':>9}  "
+              f"per-class PQ (tuned)")
     prepared = []
     for name, spec, overrides in runs:
         cfg = load_config(spec, overrides)
@@ -356,8 +358,9 @@ def main() -> None:
         t = row.get("tuned", untuned)
         cls = " ".join("-" if v is None else f"{v:.2f}" for v in t["class_PQ"].values())
         print(f"{name:<16} {row['steps']:>6} {row['images_seen']:>7} {row['train_wall_s']:>8.0f} "
-              f"{_probed_and_trained(row):>13} {untuned['bPQ']:>6.3f} {untuned['mPQ']:>6.3f} {untuned.get('dice', 0):>6.3f} "
-              f"{untuned['det_F1']:>6.3f} {t['bPQ']:>9.3f} {t['mPQ']:>9.3f}  {cls}", flush=True)
+              f"{_probed_and_trained(row):>13} {untuned['bPQ']:>6.3f} {untuned['mPQ']:>6.3f} "
+              f"{untuned.get('dice', 0):>6.3f} {untuned['det_F1']:>6.3f} {t['bPQ']:>9.3f} "
+              f"{t['mPQ']:>9.3f}  {cls}", flush=True)
         if args.out:
             write_json(args.out, {"machine": machine(), "args": vars(args), "rows": rows})
     if sd_python:
