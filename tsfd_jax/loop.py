@@ -8,6 +8,7 @@ continues the same curve. A non-finite loss stops the run; the last good checkpo
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -67,20 +68,32 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
     if start is not None:
         state = checkpoints.restore(manager, start, abstract, data_iter)
         print(f"resumed from {workdir}/checkpoints/{start}")
+        step = int(jax.device_get(state.step))
     else:
-        state = init_state(cfg, model, tx, rng, repl)
-        if cfg.model.init_checkpoint:
-            state = _load_init_checkpoint(state, cfg.model.init_checkpoint, repl)
-        start = 0
-    step = int(jax.device_get(state.step))
+        state, step = None, 0
 
     preprocess = make_preprocess_fn(cfg)
     train_step = jax.jit(make_train_step(cfg, model, tx, preprocess),
                          in_shardings=(repl, parallel.batch_sharded(mesh)),
                          out_shardings=(repl, repl), donate_argnums=(0,))
+    total = int(cfg.total_steps)
+    first_batch = None
+    if step < total:
+        # Compiled ahead of time from the state's shapes: compiling, or loading from the
+        # persistent cache, runs in XLA without the GIL, so the state initialiser is traced and
+        # compiled beside it (BENCHMARKS.md, "Compilation cache"). Drawn after the restore, the
+        # first batch keeps the iterator where an uninterrupted run would have it.
+        first_batch = to_global(next(data_iter), mesh)
+        lowered = train_step.lower(abstract, first_batch)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            compiling = pool.submit(lowered.compile)
+            if state is None:
+                state = _fresh_state(cfg, model, tx, rng, repl)
+            train_step = compiling.result()
+    elif state is None:
+        state = _fresh_state(cfg, model, tx, rng, repl)
 
     # ---- loop ----------------------------------------------------------------------------
-    total = int(cfg.total_steps)
     log_every = max(int(cfg.log_every_steps), 1)
     bar = tqdm(total=total, initial=step, disable=not progress or jax.process_index() != 0,
                dynamic_ncols=True, unit="step")
@@ -91,8 +104,9 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
     last_val: dict | None = None
     try:
         while step < total:
-            batch = next(data_iter)
-            state, metrics = train_step(state, to_global(batch, mesh))
+            batch = first_batch if first_batch is not None else to_global(next(data_iter), mesh)
+            first_batch = None
+            state, metrics = train_step(state, batch)
             pending.append(metrics)
             step += 1
             bar.update(1)
@@ -144,6 +158,13 @@ def _summarise(metrics: list[dict]) -> dict:
     out["nonfinite"] = float(np.sum([m["nonfinite"] for m in fetched]))
     out["lr"] = float(fetched[-1]["lr"])
     return out
+
+
+def _fresh_state(cfg, model, tx, rng, sharding):
+    state = init_state(cfg, model, tx, rng, sharding)
+    if cfg.model.init_checkpoint:
+        state = _load_init_checkpoint(state, cfg.model.init_checkpoint, sharding)
+    return state
 
 
 def _validate(cfg, source, state, mesh, eval_fn) -> dict:
