@@ -9,7 +9,10 @@ the runs with the order reversed every other round, because a VM's speed drifts 
 between minutes: BENCHMARKS.md), and each run's ``total_steps`` set from its median so that
 training takes ``--budget-min`` minutes; the whole schedule (warm-up, cosine) is then run, so
 no run is cut off mid-schedule. Each row also gives the seconds its steps took in training (from
-its log), the check that the budget was shared fairly.
+its log), the check that the budget was shared fairly. With ``--turn-min M`` the runs train in
+turns of about M minutes each, the order reversed every turn, each turn resumed exactly from the
+last: every run then trains in the same stretch of the VM's minutes instead of one after the
+other (docs/learning.md §41).
 
 Datasets: ``synthetic`` (PanNuke-format folds written by data/synthetic.py at the configs'
 ``data.synth_image_size``, 256 px for the demo-size configs, which train on random crops of
@@ -139,11 +142,8 @@ def interleaved_probes(cfgs: list, rounds: int,
     return probes
 
 
-def train_for_budget(cfg, workdir: Path, budget_s: float, s_step: float | None = None) -> dict:
-    """Train ``budget_s / s_step`` steps (``s_step`` probed here when not given)."""
-    from tsfd_jax.loop import train_and_evaluate
-
-    s_step = seconds_per_step(cfg) if s_step is None else s_step
+def set_budget(cfg, budget_s: float, s_step: float) -> int:
+    """Set ``cfg``'s step count (and what depends on it) for ``budget_s`` at ``s_step``."""
     steps = max(int(budget_s / s_step), 10)
     cfg.total_steps = steps
     cfg.optim.warmup_steps = min(int(cfg.optim.warmup_steps), steps // 10)
@@ -151,10 +151,49 @@ def train_for_budget(cfg, workdir: Path, budget_s: float, s_step: float | None =
     cfg.eval_every_steps = 0
     cfg.checkpoint_every_steps = steps
     cfg.keep_checkpoints = 1
+    return steps
+
+
+def train_for_budget(cfg, workdir: Path, budget_s: float, s_step: float | None = None) -> dict:
+    """Train ``budget_s / s_step`` steps (``s_step`` probed here when not given)."""
+    from tsfd_jax.loop import train_and_evaluate
+
+    s_step = seconds_per_step(cfg) if s_step is None else s_step
+    steps = set_budget(cfg, budget_s, s_step)
     t0 = time.perf_counter()
     train_and_evaluate(cfg, workdir, overwrite=True, progress=False)
     return {"steps": steps, "s_per_step_probe": s_step, "train_wall_s": time.perf_counter() - t0,
             "images_seen": steps * int(cfg.data.global_batch_size)}
+
+
+def train_in_turns(cfgs: list, workdirs: list[Path], budget_s: float, s_steps: list[float],
+                   turn_s: float) -> list[dict]:
+    """Train every run for its budget in turns of about ``turn_s`` seconds each, the order
+    reversed every turn (A B, B A, ...): trained one after the other, a run that comes second
+    gets the VM's later minutes, which may be faster or slower by 10-20 % (docs/learning.md
+    §40); in turns, every run trains in the same stretch of minutes. Each turn ends with a
+    checkpoint and the next one resumes it exactly (``train_and_evaluate(stop_at=...)``)."""
+    from tsfd_jax.loop import train_and_evaluate
+
+    steps = [set_budget(c, budget_s, s) for c, s in zip(cfgs, s_steps)]
+    per_turn = [max(int(turn_s / s), 1) for s in s_steps]
+    done, wall = [0] * len(cfgs), [0.0] * len(cfgs)
+    turn = 0
+    while any(d < n for d, n in zip(done, steps)):
+        order = range(len(cfgs)) if turn % 2 == 0 else reversed(range(len(cfgs)))
+        for i in order:
+            if done[i] >= steps[i]:
+                continue
+            stop = min(done[i] + per_turn[i], steps[i])
+            t0 = time.perf_counter()
+            train_and_evaluate(cfgs[i], workdirs[i], overwrite=True, progress=False,
+                               stop_at=stop)
+            wall[i] += time.perf_counter() - t0
+            done[i] = stop
+        turn += 1
+    return [{"steps": n, "s_per_step_probe": s, "train_wall_s": w, "turns": turn,
+             "images_seen": n * int(c.data.global_batch_size)}
+            for n, s, w, c in zip(steps, s_steps, wall, cfgs)]
 
 
 def _probed_and_trained(row: dict) -> str:
@@ -287,6 +326,10 @@ def main() -> None:
     p.add_argument("--probe-rounds", type=int, default=2,
                    help="step probes per run before any training, interleaved across the runs "
                         "(the median sets each run's steps)")
+    p.add_argument("--turn-min", type=float, default=0.0,
+                   help="train the runs in turns of about this many minutes each (the order "
+                        "reversed every turn), so that all of them train in the same stretch "
+                        "of the machine's minutes; 0: one after the other")
     p.add_argument("--no-tune", action="store_true", help="skip post-processing tuning")
     p.add_argument("--workdir", default="runs/quality", help="folder of the runs")
     p.add_argument("--out", default="", help="JSON file for the results")
@@ -335,12 +378,17 @@ def main() -> None:
         prepared.append((name, spec, overrides, cfg, test_data, test_split))
     probes = interleaved_probes([p[3] for p in prepared], args.probe_rounds,
                                 [root / f"{args.dataset}-{p[0]}-probe" for p in prepared])
+    workdirs = [root / f"{args.dataset}-{p[0]}" for p in prepared]
+    s_steps = [float(np.median(probed)) for probed in probes]
+    if args.turn_min > 0:
+        trained_rows = train_in_turns([p[3] for p in prepared], workdirs,
+                                      60.0 * args.budget_min, s_steps, 60.0 * args.turn_min)
     print(header)
-    for (name, spec, overrides, cfg, test_data, test_split), probed in zip(prepared, probes):
-        workdir = root / f"{args.dataset}-{name}"
-        trained = train_for_budget(cfg, workdir, 60.0 * args.budget_min,
-                                   float(np.median(probed)))
-        trained["s_per_step_probes"] = probed
+    for i, (name, spec, overrides, cfg, test_data, test_split) in enumerate(prepared):
+        workdir = workdirs[i]
+        trained = (trained_rows[i] if args.turn_min > 0 else
+                   train_for_budget(cfg, workdir, 60.0 * args.budget_min, s_steps[i]))
+        trained["s_per_step_probes"] = probes[i]
         # What each step took in training: the check that the probes shared the budget fairly.
         trained["s_per_step_trained"] = logged_seconds_per_step(
             workdir, int(cfg.data.global_batch_size))

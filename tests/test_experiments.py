@@ -569,6 +569,41 @@ def test_step_probe_times_the_training_loop_and_starts_afresh_each_time(tmp_path
     assert cfg.total_steps != 4  # the probe changed a copy
 
 
+def test_runs_trained_in_turns_reach_their_budgets_in_alternating_order(tmp_path, monkeypatch):
+    """Each run gets budget / its seconds per step in all, in turns of turn / seconds per step,
+    the order reversed every turn; every turn resumes the run where the last one stopped."""
+    import copy
+
+    from configs import tiny
+    from tsfd_jax import loop
+    from tsfd_jax.data.synthetic import write_pannuke
+
+    write_pannuke(tmp_path / "synthetic", num_images=8, seed=0, folds=3, image_size=32)
+    cfg = tiny.get_config()
+    cfg.data.root = str(tmp_path / "synthetic")
+    cfg.model.arch, cfg.model.unet_features = "unet", (4, 8)
+    cfg.input.size = 32
+    other = copy.deepcopy(cfg)
+    other.seed = 1
+    calls = []
+    train = loop.train_and_evaluate
+
+    def recorded(c, workdir, **kw):
+        calls.append((workdir.name, kw["stop_at"]))
+        return train(c, workdir, **kw)
+
+    monkeypatch.setattr(loop, "train_and_evaluate", recorded)
+    # 1.0 s budget: 10 steps at 0.1 s, 20 at 0.05 s; a 0.45-s turn: 4 and 9 steps.
+    rows = bench_quality.train_in_turns([cfg, other], [tmp_path / "a", tmp_path / "b"], 1.0,
+                                        [0.1, 0.05], 0.45)
+    assert calls == [("a", 4), ("b", 9), ("b", 18), ("a", 8), ("a", 10), ("b", 20)]
+    assert [r["steps"] for r in rows] == [10, 20] and rows[0]["turns"] == 3
+    for name, steps in (("a", 10), ("b", 20)):
+        logged = [json.loads(line)["step"]
+                  for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert logged[-1] == steps and logged == sorted(set(logged)), logged
+
+
 def test_bn_reestimate_pools_population_statistics_over_batches():
     """A BatchNorm on the raw inputs, measured over three batches whose means differ, holds
     the mean and (biased) variance of all their samples together (numpy, float64), not the

@@ -50,3 +50,28 @@ def test_finished_run_started_again_does_nothing(run):
     cfg, workdir, _ = run
     again = train_and_evaluate(cfg, workdir, progress=False)
     assert "val_bPQ" not in again  # no step ran, so nothing was validated
+
+
+def test_a_run_trained_in_turns_equals_one_trained_straight(run, tmp_path):
+    """``stop_at`` ends a call with a checkpoint; the next call continues the same run exactly
+    (bench_quality trains its runs in turns)."""
+    import copy
+
+    import jax
+    import numpy as np
+
+    from tsfd_jax.checkpoints import restore_variables
+
+    cfg = copy.deepcopy(run[0])
+    cfg.total_steps, cfg.eval_every_steps, cfg.checkpoint_every_steps = 4, 0, 100
+    train_and_evaluate(cfg, tmp_path / "straight", progress=False)
+    turns = tmp_path / "turns"
+    train_and_evaluate(cfg, turns, progress=False, stop_at=1)
+    assert sorted(p.name for p in (turns / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+    train_and_evaluate(cfg, turns, progress=False, stop_at=3)
+    train_and_evaluate(cfg, turns, progress=False)
+    straight, s_step = restore_variables(tmp_path / "straight", "last")
+    turned, t_step = restore_variables(turns, "last")
+    assert s_step == t_step == 4
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(turned)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

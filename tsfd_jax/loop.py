@@ -34,8 +34,13 @@ class TrainingDiverged(RuntimeError):
 
 
 def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
-                       resume_anyway: bool = False, progress: bool = True) -> dict:
-    """Train ``cfg`` in ``workdir``; returns the last logged and validation metrics."""
+                       resume_anyway: bool = False, progress: bool = True,
+                       stop_at: int | None = None) -> dict:
+    """Train ``cfg`` in ``workdir``; returns the last logged and validation metrics.
+
+    ``stop_at``: stop after that step with a checkpoint, so that a later call continues the run
+    exactly (runs trained in turns on one machine, experiments/bench_quality.py).
+    """
     workdir = Path(workdir)
     check_loss_config(cfg.loss)  # a bad loss name fails before anything is compiled
     # ---- multi-host and workdir ----------------------------------------------------------
@@ -77,8 +82,9 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
                          in_shardings=(repl, parallel.batch_sharded(mesh)),
                          out_shardings=(repl, repl), donate_argnums=(0,))
     total = int(cfg.total_steps)
+    stop = total if stop_at is None else min(int(stop_at), total)
     first_batch = None
-    if step < total:
+    if step < stop:
         # Compiled ahead of time from the state's shapes: compiling, or loading from the
         # persistent cache, runs in XLA without the GIL, so the state initialiser is traced and
         # compiled beside it (BENCHMARKS.md, "Compilation cache"). Drawn after the restore, the
@@ -103,14 +109,15 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
     eval_fn = val = None
     last_val: dict | None = None
     try:
-        while step < total:
+        while step < stop:
             batch = first_batch if first_batch is not None else to_global(next(data_iter), mesh)
             first_batch = None
             state, metrics = train_step(state, batch)
             pending.append(metrics)
             step += 1
             bar.update(1)
-            is_ckpt = step % int(cfg.checkpoint_every_steps) == 0 or step == total
+            is_ckpt = (step % int(cfg.checkpoint_every_steps) == 0 or step == total
+                       or step == stop)
             is_eval = int(cfg.eval_every_steps) > 0 and (
                 step % int(cfg.eval_every_steps) == 0 or step == total)
             if step % log_every == 0 or is_ckpt or is_eval:
