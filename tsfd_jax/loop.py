@@ -83,21 +83,19 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
                          out_shardings=(repl, repl), donate_argnums=(0,))
     total = int(cfg.total_steps)
     stop = total if stop_at is None else min(int(stop_at), total)
-    first_batch = None
-    if step < stop:
-        # Compiled ahead of time from the state's shapes: compiling, or loading from the
-        # persistent cache, runs in XLA without the GIL, so the state initialiser is traced and
-        # compiled beside it (BENCHMARKS.md, "Compilation cache"). Drawn after the restore, the
-        # first batch keeps the iterator where an uninterrupted run would have it.
-        first_batch = to_global(next(data_iter), mesh)
-        lowered = train_step.lower(abstract, first_batch)
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            compiling = pool.submit(lowered.compile)
-            if state is None:
-                state = _fresh_state(cfg, model, tx, rng, repl)
+    first_batch = compiling = None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        if step < stop:
+            # Compiled ahead of time from the state's shapes: compiling, or loading from the
+            # persistent cache, runs in XLA without the GIL, so the state initialiser is traced
+            # and compiled beside it (BENCHMARKS.md, "Compilation cache"). Drawn after the
+            # restore, the first batch keeps the iterator where an uninterrupted run has it.
+            first_batch = to_global(next(data_iter), mesh)
+            compiling = pool.submit(train_step.lower(abstract, first_batch).compile)
+        if state is None:
+            state = _fresh_state(cfg, model, tx, rng, repl)
+        if compiling is not None:
             train_step = compiling.result()
-    elif state is None:
-        state = _fresh_state(cfg, model, tx, rng, repl)
 
     # ---- loop ----------------------------------------------------------------------------
     log_every = max(int(cfg.log_every_steps), 1)
@@ -116,8 +114,7 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
             pending.append(metrics)
             step += 1
             bar.update(1)
-            is_ckpt = (step % int(cfg.checkpoint_every_steps) == 0 or step == total
-                       or step == stop)
+            is_ckpt = step % int(cfg.checkpoint_every_steps) == 0 or step == stop
             is_eval = int(cfg.eval_every_steps) > 0 and (
                 step % int(cfg.eval_every_steps) == 0 or step == total)
             if step % log_every == 0 or is_ckpt or is_eval:
