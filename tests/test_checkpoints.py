@@ -63,3 +63,26 @@ def test_every_field_added_since_a_saved_config_has_its_old_behaviour(tmp_path):
     assert not missing, f"add {missing} to checkpoints.ADDED_FIELDS"
     (tmp_path / CONFIG_FILE).write_text(old)
     build_model(load_run_config(tmp_path))
+
+
+def test_a_checkpoint_of_another_model_is_refused_by_name(tmp_path):
+    import grain
+    import jax
+    import jax.numpy as jnp
+
+    from tsfd_jax.checkpoints import make_manager, restore, save
+    from tsfd_jax.steps import TrainState
+
+    # Resuming reads the state into this config's shapes: a mismatch is one line, not orbax's.
+    state = TrainState(step=jnp.asarray(1, jnp.int32), params={"a": jnp.ones(3)},
+                       batch_stats={"b": jnp.ones(2)}, opt_state=(jnp.zeros(3),),
+                       rng=jax.random.key(0))
+    it = iter(grain.MapDataset.source([0, 1]).to_iter_dataset())
+    manager = make_manager(tmp_path, 2, None)
+    save(manager, 1, state, it)
+    manager.wait_until_finished()
+    other = jax.eval_shape(lambda: state.replace(params={"a": jnp.ones(3), "c": jnp.ones(1)}))
+    with pytest.raises(UserError, match=r"checkpoints/1: the saved train state does not fit"
+                                        r".*\('params', 'c'\)"):
+        restore(manager, 1, other, iter(grain.MapDataset.source([0, 1]).to_iter_dataset()))
+    manager.close()

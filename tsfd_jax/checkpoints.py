@@ -133,9 +133,17 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iter,
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter):
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+    except ValueError as e:
+        if "structure" not in str(e).lower():
+            raise
+        first = str(e).split(". ")[0]
+        raise UserError(f"{manager.directory}/{step}: the saved train state does not fit this "
+                        f"config's model and optimiser ({first}); resume it with the version "
+                        f"and config that wrote it, or train in a new workdir") from None
     return restored["state"]
 
 
