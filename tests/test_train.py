@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from tests.train_utils import disc_batch, tiny_config
@@ -103,6 +104,51 @@ def test_weight_decay_only_on_kernels():
     np.testing.assert_allclose(updates["conv"]["kernel"], -0.5 * lr0 * np.ones((3, 3)), rtol=1e-6)
     assert float(jnp.abs(updates["conv"]["bias"]).max()) == 0.0
     assert float(jnp.abs(updates["bn"]["scale"]).max()) == 0.0
+
+
+def _per_variable_chain(cfg):
+    """The optimiser written with optax's per-variable masks and its own learning-rate
+    scaling: the reference for the raveled one."""
+    schedule, wd, parts = make_schedule(cfg), float(cfg.optim.weight_decay), []
+    if cfg.optim.grad_clip:
+        parts.append(optax.clip_by_global_norm(float(cfg.optim.grad_clip)))
+    if cfg.optim.name == "sgd":
+        if wd:
+            parts.append(optax.add_decayed_weights(wd, mask=kernel_mask))
+        if cfg.optim.l2_fusion:
+            parts.append(optax.add_decayed_weights(2 * cfg.optim.l2_fusion,
+                                                   mask=fusion_kernel_mask))
+        parts.append(optax.sgd(schedule, momentum=cfg.optim.momentum or None,
+                               nesterov=cfg.optim.nesterov))
+    else:
+        parts.append(optax.adamw(schedule, weight_decay=wd, mask=kernel_mask))
+    return optax.chain(*parts)
+
+
+@pytest.mark.parametrize("name,wd,l2,clip,momentum,nesterov", [
+    ("sgd", 1e-2, 3e-2, 0.5, 0.9, True), ("sgd", 0.0, 0.0, 0.0, 0.0, False),
+    ("adamw", 5e-2, 0.0, 0.7, 0.9, False), ("adamw", 0.0, 0.0, 0.0, 0.9, False)])
+def test_raveled_optimiser_equals_optax_per_variable(name, wd, l2, clip, momentum, nesterov):
+    cfg = tiny_config()
+    cfg.optim.name, cfg.optim.weight_decay, cfg.optim.l2_fusion = name, wd, l2
+    cfg.optim.grad_clip, cfg.optim.momentum, cfg.optim.nesterov = clip, momentum, nesterov
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.total_steps = 0.3, 2, 6
+    rng = np.random.default_rng(0)
+    shapes = {"gating": {"p2": {"conv": {"kernel": (3, 3, 4, 2), "bias": (2,)}}},
+              "decoders": {"n1": {"dwconv": {"kernel": (3, 3, 1, 5)}, "bn": {"scale": (5,)}}},
+              "head": {"kernel": (5, 3), "bias": (3,)}}
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s), jnp.float32), shapes,
+                          is_leaf=lambda x: isinstance(x, tuple))
+    tx, ref = make_optimizer(cfg), _per_variable_chain(cfg)
+    state, ref_state, p, q = tx.init(params), ref.init(params), params, params
+    assert all(np.ndim(x) <= 1 for x in jax.tree.leaves(state))  # one vector per moment
+    update, ref_update = jax.jit(tx.update), jax.jit(ref.update)
+    for _ in range(8):  # through the warm-up, the cosine and past its end
+        grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), p)
+        u, state = update(grads, state, p)
+        v, ref_state = ref_update(grads, ref_state, q)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7), u, v)
+        p, q = optax.apply_updates(p, u), optax.apply_updates(q, v)
 
 
 def test_authors_l2_reaches_exactly_the_kernels_of_section_1_10():

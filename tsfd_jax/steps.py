@@ -6,16 +6,18 @@ state replicated and donated, batch sharded, BatchNorm statistics over the globa
 random in a step (augmentation, dropout, stochastic depth) comes from ``fold_in(state.rng, step)``,
 so a resumed run repeats the uninterrupted one exactly. With ``optim.ema_decay`` the state also
 carries an exponential moving average of the variables, which validation, the kept checkpoints'
-evaluation and prediction use (not in the paper; docs/learning.md).
+evaluation and prediction use (not in the paper; docs/learning.md). The optimiser works on the
+parameters raveled into one vector, with the same numbers (BENCHMARKS.md, "Compilation cache").
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import optax
 
@@ -82,7 +84,12 @@ OPTIMIZERS = ("sgd", "adamw")
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
     """``optim.name``: "sgd" (the paper: momentum, weight decay added to the gradient) or "adamw"
-    (decoupled weight decay, ``optim.weight_decay`` times the learning rate; 0 = Adam)."""
+    (decoupled weight decay, ``optim.weight_decay`` times the learning rate; 0 = Adam).
+
+    The chain runs on the parameters raveled into one vector (``raveled``): the per-variable
+    masks of the weight decays become vectors of per-element rates, and the learning rate is
+    the one ``stored_rate`` keeps in the state.
+    """
     name = str(cfg.optim.name)
     if name not in OPTIMIZERS:
         raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {name!r}")
@@ -90,22 +97,98 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
         raise ValueError(f"optim.ema_decay must be in [0, 1) (0 = off), got {cfg.optim.ema_decay}")
     schedule = make_schedule(cfg)
     wd = float(cfg.optim.weight_decay)
-    parts = []
-    if cfg.optim.grad_clip:
-        parts.append(optax.clip_by_global_norm(float(cfg.optim.grad_clip)))
-    if wd and name == "sgd":
-        # Decay added to the gradient before momentum: SGD weight decay as in the paper.
-        parts.append(optax.add_decayed_weights(wd, mask=kernel_mask))
     l2 = float(cfg.optim.l2_fusion)
-    if l2:
-        # Keras' L2 adds l2 * sum(w^2) to the loss: its gradient is 2 * l2 * w.
-        parts.append(optax.add_decayed_weights(2.0 * l2, mask=fusion_kernel_mask))
-    if name == "sgd":
-        parts.append(optax.sgd(schedule, momentum=float(cfg.optim.momentum) or None,
-                               nesterov=bool(cfg.optim.nesterov)))
-    else:
-        parts.append(optax.adamw(schedule, weight_decay=wd, mask=kernel_mask))
-    return optax.chain(*parts)
+
+    def chain(params: PyTree) -> optax.GradientTransformation:
+        parts = []
+        if cfg.optim.grad_clip:
+            parts.append(optax.clip_by_global_norm(float(cfg.optim.grad_clip)))
+        if wd and name == "sgd":
+            # Decay added to the gradient before momentum: SGD weight decay as in the paper.
+            parts.append(decayed(wd * mask_vector(kernel_mask(params), params)))
+        if l2:
+            # Keras' L2 adds l2 * sum(w^2) to the loss: its gradient is 2 * l2 * w.
+            parts.append(decayed(2.0 * l2 * mask_vector(fusion_kernel_mask(params), params)))
+        if name == "sgd":
+            momentum = float(cfg.optim.momentum)
+            parts.append(optax.chain(  # optax.sgd
+                optax.trace(decay=momentum, nesterov=bool(cfg.optim.nesterov)) if momentum
+                else optax.identity(), stored_rate(schedule)))
+        else:
+            parts.append(optax.chain(  # optax.adamw
+                optax.scale_by_adam(),
+                decayed(wd * mask_vector(kernel_mask(params), params)) if wd
+                else optax.identity(), stored_rate(schedule)))
+        return optax.chain(*parts)
+
+    return raveled(chain)
+
+
+def raveled(build: Callable[[PyTree], optax.GradientTransformation]
+            ) -> optax.GradientTransformation:
+    """The transformation ``build(params)`` applied to the parameters, gradients and optimiser
+    state raveled into single vectors (as ``optax.flatten``; ``build`` sees the parameter tree
+    to make its per-element vectors). Elementwise optimisers give the per-variable result, and
+    the optimiser state is a few vectors instead of several arrays per variable: fewer
+    kernels for XLA:CPU to trace, compile and load (BENCHMARKS.md, "Compilation cache")."""
+
+    def init(params):
+        return build(params).init(ravel(params))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("the optimiser needs the parameters (weight decay, raveling)")
+        flat, unravel = jax.flatten_util.ravel_pytree(updates)
+        flat, state = build(params).update(flat, state, ravel(params))
+        return unravel(flat), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def ravel(tree: PyTree) -> jax.Array:
+    """Every leaf of ``tree``, raveled and concatenated in ``jax.tree.leaves`` order."""
+    leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree)]
+    return jnp.concatenate(leaves) if leaves else jnp.zeros((0,), jnp.float32)
+
+
+def mask_vector(mask: PyTree, params: PyTree) -> jax.Array:
+    """A per-variable boolean mask as a float vector aligned with ``ravel(params)``: broadcasts
+    of 0 and 1 that XLA fuses, never a constant the size of the model."""
+    return ravel(jax.tree.map(lambda m, p: jnp.full(jnp.shape(p), float(m), jnp.float32),
+                              mask, params))
+
+
+def decayed(rate: jax.Array) -> optax.GradientTransformation:
+    """``update + rate * params`` with a per-element ``rate`` (0 where no decay applies)."""
+
+    def update(updates, state, params=None):
+        return updates + rate * params, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+class StoredRateState(NamedTuple):
+    count: jax.Array  # updates made
+    rate: jax.Array  # -schedule(count): the step size of the next update
+
+
+def stored_rate(schedule: optax.Schedule) -> optax.GradientTransformation:
+    """``optax.scale_by_learning_rate(schedule)`` with the step size computed one update ahead
+    and kept in the state. The same numbers; the update reads the rate as a value, so XLA
+    does not copy the schedule (its cosine, a libm call) into every kernel that applies the
+    raveled update to one variable: with a thousand variables, XLA:CPU's loader resolved those
+    calls recursively and crashed loading the step from the compilation cache."""
+
+    def init(params):
+        count = jnp.zeros([], jnp.int32)
+        return StoredRateState(count, -jnp.asarray(schedule(count), jnp.float32))
+
+    def update(updates, state, params=None):
+        count = optax.safe_increment(state.count)
+        return (jax.tree.map(lambda g: state.rate.astype(g.dtype) * g, updates),
+                StoredRateState(count, -jnp.asarray(schedule(count), jnp.float32)))
+
+    return optax.GradientTransformation(init, update)
 
 
 def ema_decay(cfg, step: jax.Array) -> jax.Array:
@@ -153,8 +236,7 @@ def global_norm(tree: PyTree) -> jax.Array:
     """sqrt of the sum of squares of every leaf, as one reduction over the concatenated leaves
     (``optax.global_norm`` makes one reduction per leaf: ~900 small ops that cost seconds of
     compile time on a CPU)."""
-    leaves = [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)]
-    flat = jnp.concatenate(leaves) if leaves else jnp.zeros((0,), jnp.float32)
+    flat = ravel(tree).astype(jnp.float32)
     return jnp.sqrt(jnp.sum(flat * flat))
 
 
@@ -184,9 +266,10 @@ def make_train_step(cfg, model, tx, preprocess: Callable) -> Callable:
         params = optax.apply_updates(state.params, updates)
         grad_norm = global_norm(grads)
         lr = schedule(state.step)
-        # Finite parameters, gradients and learning rate give a finite update (a NaN learning
-        # rate with a finite loss is the case this catches beyond the loss and gradients).
-        ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & jnp.isfinite(lr)
+        # The update itself is checked (a NaN learning rate with a finite loss and gradients is
+        # the case this catches beyond them); the learning rate the update used is the
+        # optimiser's (``stored_rate``), so no per-variable kernel recomputes the schedule.
+        ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & jnp.isfinite(global_norm(updates))
         keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
         ema = state.ema
         if ema is not None:
