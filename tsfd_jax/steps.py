@@ -147,8 +147,7 @@ def raveled(build: Callable[[PyTree], optax.GradientTransformation]
 
 def ravel(tree: PyTree) -> jax.Array:
     """Every leaf of ``tree``, raveled and concatenated in ``jax.tree.leaves`` order."""
-    leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree)]
-    return jnp.concatenate(leaves) if leaves else jnp.zeros((0,), jnp.float32)
+    return jax.flatten_util.ravel_pytree(tree)[0]
 
 
 def mask_vector(mask: PyTree, params: PyTree) -> jax.Array:
