@@ -6,7 +6,8 @@ gradient, the SGD update; jitted over a mesh of all local devices, batch sharded
 replicated and donated. Rows:
 - a tiny model (configs/tiny.py widths) at 64 px, for quick comparisons between machines;
 - the full model (configs/default.py) at ``--size`` (512), float32 and bfloat16 compute;
-- each ``--config FILE`` at that config's own input size, label size and batch; with ``--compare``
+- each ``--config FILE`` at that config's own input size, label size and batch, with the
+  ``--config.a.b=value`` overrides of the command line applied to every one; with ``--compare``
   once per depthwise implementation (models/layers.py: the XLA grouped convolution "conv" and the
   shifted multiply-adds "shift"), side by side in one run.
 Each row: compile + first step, ``--warmup`` untimed steps, ``--iters`` timed steps. The batch
@@ -128,9 +129,10 @@ def bench_step(cfg, batch: int, label_size: int, warmup: int, iters: int) -> dic
 
 
 def breakdown(cfg, iters: int = 10) -> list[tuple[str, float]]:
-    """Milliseconds per step of each part of the train step, each jitted and timed alone:
-    augmentation + stain channels + targets, model forward, forward + backward, losses (value and
-    gradient w.r.t. the logits), optimiser update; and the whole step."""
+    """``(part, ms per step, FLOPs written, FLOPs compiled)`` of each part of the train step,
+    each jitted and timed alone: augmentation + stain channels + targets, model forward,
+    forward + backward, losses (value and gradient w.r.t. the logits), optimiser update; and the
+    whole step."""
     import time
 
     import jax
@@ -184,18 +186,23 @@ def breakdown(cfg, iters: int = 10) -> list[tuple[str, float]]:
              ("whole train step", step, (state, data))]
     rows = []
     for name, fn, args in parts:
-        compiled = jax.jit(fn).lower(*args).compile()
+        lowered = jax.jit(fn).lower(*args)
+        compiled = lowered.compile()
         jax.block_until_ready(compiled(*args))
         t0 = time.perf_counter()
         for _ in range(iters):
             out = compiled(*args)
         jax.block_until_ready(out)
-        rows.append((name, 1e3 * (time.perf_counter() - t0) / iters))
-        print(f"{name:<40} {rows[-1][1]:8.1f} ms", flush=True)
+        ms = 1e3 * (time.perf_counter() - t0) / iters
+        written, done = _flops(lowered.cost_analysis()), _flops(compiled.cost_analysis())
+        rows.append((name, ms, written, done))
+        print(f"{name:<40} {ms:8.1f} ms  {written / 1e9:7.2f} GFLOP written, "
+              f"{done / 1e9:7.2f} compiled", flush=True)
     return rows
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, and in ``overrides`` the ``--config.a.b=value`` pairs for every --config row."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=2, help="global batch of the full model")
     p.add_argument("--size", type=int, default=512, help="input size of the full model")
@@ -215,7 +222,17 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="peak TFLOP/s of one device for MFU (default: known accelerators)")
     p.add_argument("--out", default="", help="JSON file for the results")
-    args = p.parse_args()
+    args, rest = p.parse_known_args(argv)
+    from tsfd_jax.config_files import split_overrides
+    args.overrides, rest = split_overrides(rest)
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    overrides = args.overrides
 
     import jax
 
@@ -248,13 +265,15 @@ def main() -> None:
 
     for spec in args.config:
         for impl in ("conv", "shift") if args.compare else (None,):
-            cfg = load_config(spec)
+            cfg = load_config(spec, overrides)
             if impl:
                 cfg.model.depthwise_impl = impl
             run(Path(spec.split(":")[0]).stem, cfg, cfg.input.size, cfg.data.image_size,
                 cfg.data.global_batch_size, args.tiny_iters)
         if args.breakdown:
-            rows[-1]["breakdown_ms"] = dict(breakdown(load_config(spec), args.tiny_iters))
+            parts = breakdown(load_config(spec, overrides), args.tiny_iters)
+            rows[-1]["breakdown_ms"] = {name: ms for name, ms, _, _ in parts}
+            rows[-1]["breakdown_flops"] = {name: [w, c] for name, _, w, c in parts}
     if not args.no_tiny:
         run("tiny", tiny.shrink(default.get_config()), 64, 32, args.tiny_batch, args.tiny_iters)
     if not args.no_full:

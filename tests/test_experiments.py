@@ -645,3 +645,21 @@ def test_bn_reestimate_pools_population_statistics_over_batches():
     assert layer["mean"].shape == layer["var"].shape == (3,)
     with pytest.raises(ValueError, match="no batches"):
         population_statistics(batch_statistics, iter([]))
+
+
+# ---- bench_train -----------------------------------------------------------------------------
+
+def test_bench_train_applies_config_overrides_to_every_config_row():
+    from experiments import bench_train
+    from tsfd_jax.config_files import load_config
+
+    args = bench_train.parse_args(["--no-tiny", "--config", "configs/demo.py", "--config",
+                                   "configs/consep.py", "--config.model.num_bifpn=2",
+                                   "--config.model.backbone", "b4", "--compare"])
+    assert args.config == ["configs/demo.py", "configs/consep.py"] and args.compare
+    assert args.overrides == [("model.num_bifpn", "2"), ("model.backbone", "b4")]
+    for spec in args.config:
+        cfg = load_config(spec, args.overrides)
+        assert (cfg.model.num_bifpn, cfg.model.backbone) == (2, "b4")
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(["--no-tiny", "stray"])

@@ -7,7 +7,8 @@ random in a step (augmentation, dropout, stochastic depth) comes from ``fold_in(
 so a resumed run repeats the uninterrupted one exactly. With ``optim.ema_decay`` the state also
 carries an exponential moving average of the variables, which validation, the kept checkpoints'
 evaluation and prediction use (not in the paper; docs/learning.md). The optimiser works on the
-parameters raveled into one vector, with the same numbers (BENCHMARKS.md, "Compilation cache").
+parameters packed into one vector beside the few largest arrays, with the same numbers
+(BENCHMARKS.md, "Compilation cache").
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
-import jax.flatten_util
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from tsfd_jax.forward import apply_at_labels, foreground_dice
@@ -105,10 +106,10 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
             parts.append(optax.clip_by_global_norm(float(cfg.optim.grad_clip)))
         if wd and name == "sgd":
             # Decay added to the gradient before momentum: SGD weight decay as in the paper.
-            parts.append(decayed(wd * mask_vector(kernel_mask(params), params)))
+            parts.append(decayed(wd, mask_vector(kernel_mask(params), params)))
         if l2:
             # Keras' L2 adds l2 * sum(w^2) to the loss: its gradient is 2 * l2 * w.
-            parts.append(decayed(2.0 * l2 * mask_vector(fusion_kernel_mask(params), params)))
+            parts.append(decayed(2.0 * l2, mask_vector(fusion_kernel_mask(params), params)))
         if name == "sgd":
             momentum = float(cfg.optim.momentum)
             parts.append(optax.chain(  # optax.sgd
@@ -117,51 +118,79 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
         else:
             parts.append(optax.chain(  # optax.adamw
                 optax.scale_by_adam(),
-                decayed(wd * mask_vector(kernel_mask(params), params)) if wd
+                decayed(wd, mask_vector(kernel_mask(params), params)) if wd
                 else optax.identity(), stored_rate(schedule)))
         return optax.chain(*parts)
 
     return raveled(chain)
 
 
+# Leaves of at least this many elements stay arrays of their own in the optimiser (``pack``):
+# raveling them buys no fewer kernels worth having and costs a copy of most of the model per
+# step (XLA:CPU concatenates and slices ~80 MB for the paper's model: 0.25 s of a 3.7 s step).
+LARGE_LEAF = 1 << 16
+
+
+def pack(tree: PyTree) -> jax.Array | tuple[jax.Array, ...]:
+    """The leaves of ``tree`` under ``LARGE_LEAF`` elements raveled and concatenated in
+    ``jax.tree.leaves`` order, then the large leaves as they are: one vector when every leaf
+    is small (the CPU configs), else ``(vector, *large leaves)``."""
+    leaves = jax.tree.leaves(tree)
+    small = [jnp.ravel(x) for x in leaves if jnp.size(x) < LARGE_LEAF]
+    vector = jnp.concatenate(small) if small else jnp.zeros((0,), jnp.float32)
+    large = tuple(x for x in leaves if jnp.size(x) >= LARGE_LEAF)
+    return (vector, *large) if large else vector
+
+
+def unpack(packed: jax.Array | tuple, like: PyTree) -> PyTree:
+    """The tree of ``like``'s structure and shapes from ``pack``'s output."""
+    leaves, treedef = jax.tree.flatten(like)
+    vector, large = (packed[0], iter(packed[1:])) if isinstance(packed, tuple) else (packed, None)
+    out, offset = [], 0
+    for x in leaves:
+        size = int(np.prod(jnp.shape(x), dtype=np.int64))
+        if size >= LARGE_LEAF:
+            out.append(next(large))
+        else:
+            out.append(vector[offset:offset + size].reshape(jnp.shape(x)))
+            offset += size
+    return treedef.unflatten(out)
+
+
 def raveled(build: Callable[[PyTree], optax.GradientTransformation]
             ) -> optax.GradientTransformation:
     """The transformation ``build(params)`` applied to the parameters, gradients and optimiser
-    state raveled into single vectors (as ``optax.flatten``; ``build`` sees the parameter tree
-    to make its per-element vectors). Elementwise optimisers give the per-variable result, and
-    the optimiser state is a few vectors instead of several arrays per variable: fewer
-    kernels for XLA:CPU to trace, compile and load (BENCHMARKS.md, "Compilation cache")."""
+    state packed into one vector beside the few large arrays (``pack``; as ``optax.flatten``
+    for the small leaves; ``build`` sees the parameter tree to make its per-element vectors).
+    Elementwise optimisers give the per-variable result, and the optimiser state is a few
+    arrays instead of several per variable: fewer kernels for XLA:CPU to trace, compile and
+    load (BENCHMARKS.md, "Compilation cache")."""
 
     def init(params):
-        return build(params).init(ravel(params))
+        return build(params).init(pack(params))
 
     def update(updates, state, params=None):
         if params is None:
             raise ValueError("the optimiser needs the parameters (weight decay, raveling)")
-        flat, unravel = jax.flatten_util.ravel_pytree(updates)
-        flat, state = build(params).update(flat, state, ravel(params))
-        return unravel(flat), state
+        packed, state = build(params).update(pack(updates), state, pack(params))
+        return unpack(packed, updates), state
 
     return optax.GradientTransformation(init, update)
 
 
-def ravel(tree: PyTree) -> jax.Array:
-    """Every leaf of ``tree``, raveled and concatenated in ``jax.tree.leaves`` order."""
-    return jax.flatten_util.ravel_pytree(tree)[0]
-
-
-def mask_vector(mask: PyTree, params: PyTree) -> jax.Array:
-    """A per-variable boolean mask as a float vector aligned with ``ravel(params)``: broadcasts
+def mask_vector(mask: PyTree, params: PyTree) -> jax.Array | tuple:
+    """A per-variable boolean mask as float arrays aligned with ``pack(params)``: broadcasts
     of 0 and 1 that XLA fuses, never a constant the size of the model."""
-    return ravel(jax.tree.map(lambda m, p: jnp.full(jnp.shape(p), float(m), jnp.float32),
-                              mask, params))
+    return pack(jax.tree.map(lambda m, p: jnp.full(jnp.shape(p), float(m), jnp.float32),
+                             mask, params))
 
 
-def decayed(rate: jax.Array) -> optax.GradientTransformation:
-    """``update + rate * params`` with a per-element ``rate`` (0 where no decay applies)."""
+def decayed(scale: float, mask: jax.Array | tuple) -> optax.GradientTransformation:
+    """``update + scale * mask * params``, ``mask`` from ``mask_vector`` (0 where no decay
+    applies)."""
 
     def update(updates, state, params=None):
-        return updates + rate * params, state
+        return jax.tree.map(lambda u, m, p: u + (scale * m) * p, updates, mask, params), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -220,23 +249,33 @@ def create_state(cfg, model, tx: optax.GradientTransformation, rng: jax.Array) -
                       opt_state=tx.init(params), rng=state_rng, ema=ema)
 
 
-def init_state(cfg, model, tx: optax.GradientTransformation, rng: jax.Array,
-               sharding) -> TrainState:
+def trace_state(cfg, model, tx: optax.GradientTransformation, rng: jax.Array,
+                sharding) -> jax.stages.Traced:
+    """``create_state`` traced once under ``jax.jit``: its ``out_info`` holds the state's shapes
+    (what a restore and the train step's ahead-of-time compile need), ``init_state`` compiles
+    it without tracing the model's initialisers a second time (~1 s of the demo's start-up)."""
+    return jax.jit(lambda r: create_state(cfg, model, tx, r), out_shardings=sharding).trace(rng)
+
+
+def init_state(cfg, model, tx: optax.GradientTransformation, rng: jax.Array, sharding,
+               traced: jax.stages.Traced | None = None) -> TrainState:
     """``create_state`` compiled once at XLA optimisation level 0 (it runs once; a full
-    optimisation of the initialisers costs far more compile time than it could save)."""
-    fn = jax.jit(lambda r: create_state(cfg, model, tx, r), out_shardings=sharding)
-    compiled = fn.lower(rng).compile(compiler_options={"xla_backend_optimization_level": 0})
+    optimisation of the initialisers costs far more compile time than it could save);
+    ``traced``: ``trace_state``'s for the same arguments, if already made."""
+    traced = traced or trace_state(cfg, model, tx, rng, sharding)
+    compiled = traced.lower().compile(
+        compiler_options={"xla_backend_optimization_level": 0})
     return compiled(rng)
 
 
 # ---- steps -----------------------------------------------------------------------------------
 
 def global_norm(tree: PyTree) -> jax.Array:
-    """sqrt of the sum of squares of every leaf, as one reduction over the concatenated leaves
+    """sqrt of the sum of squares of every leaf, one reduction per array of ``pack(tree)``
     (``optax.global_norm`` makes one reduction per leaf: ~900 small ops that cost seconds of
     compile time on a CPU)."""
-    flat = ravel(tree).astype(jnp.float32)
-    return jnp.sqrt(jnp.sum(flat * flat))
+    parts = jax.tree.leaves(pack(tree))
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in parts))
 
 
 def make_train_step(cfg, model, tx, preprocess: Callable) -> Callable:
