@@ -26,7 +26,6 @@ import orbax.checkpoint as ocp
 
 from tsfd_jax import atomic
 from tsfd_jax.errors import UserError
-from tsfd_jax.postprocess import METHODS
 
 CONFIG_FILE = "config.json"
 # Workdir entries written by training; --overwrite moves these into archive/<time>/.
@@ -38,7 +37,7 @@ ADDED_FIELDS = {("model", "depthwise_impl"): "auto", ("model", "arch"): "tsfd",
                 ("model", "stem_skip"): 0, ("targets", "boundary_dilation"): 0,
                 ("targets", "contact_dilation"): 0,
                 ("model", "input_skip"): 0, ("targets", "boundary_kind"): "contour",
-                ("loss", "hv_gradient_weight"): 2.0, ("eval", "tune_methods"): METHODS,
+                ("loss", "hv_gradient_weight"): 2.0, ("eval", "tune_methods"): ("paper", "markers"),
                 ("model", "node_pointwise"): False, ("input", "rgb_scaling"): "fixed",
                 ("eval", "tta"): "none", ("postprocess", "max_growth"): 0.0,
                 ("postprocess", "orphan_size"): 0, ("postprocess", "basin_depth"): 0.0,

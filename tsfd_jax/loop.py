@@ -20,12 +20,11 @@ from tsfd_jax import checkpoints, parallel
 from tsfd_jax.data.pipeline import to_global, train_iterator
 from tsfd_jax.data.resolve import load_eval_split, load_train
 from tsfd_jax.errors import UserError
-from tsfd_jax.evaluate import evaluate_source, make_eval_fn
 from tsfd_jax.losses import check_loss_config
 from tsfd_jax.models.keras_weights import merge_backbone
 from tsfd_jax.models.tsfd import build_model
 from tsfd_jax.ops.preprocess import make_preprocess_fn
-from tsfd_jax.steps import create_state, init_state, make_optimizer, make_train_step
+from tsfd_jax.steps import init_state, make_optimizer, make_train_step, trace_state
 from tsfd_jax.writers import MetricWriter
 
 
@@ -63,9 +62,9 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
     model = build_model(cfg)
     tx = make_optimizer(cfg)
     rng = jax.random.key(int(cfg.seed))
-    abstract = jax.eval_shape(lambda r: create_state(cfg, model, tx, r), rng)
+    initializer = trace_state(cfg, model, tx, rng, repl)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
-                            abstract)
+                            initializer.out_info)
 
     manager = checkpoints.make_manager(workdir, int(cfg.keep_checkpoints),
                                        cfg.best_metric or None)
@@ -93,7 +92,7 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
             first_batch = to_global(next(data_iter), mesh)
             compiling = pool.submit(train_step.lower(abstract, first_batch).compile)
         if state is None:
-            state = _fresh_state(cfg, model, tx, rng, repl)
+            state = _fresh_state(cfg, model, tx, rng, repl, initializer)
         if compiling is not None:
             train_step = compiling.result()
 
@@ -135,6 +134,9 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
             result = None
             if is_eval:
                 if eval_fn is None:  # once per run: validation compiles once
+                    # Imported at the first validation, not before the first step.
+                    from tsfd_jax.evaluate import make_eval_fn
+
                     val = load_eval_split(cfg, workdir, "val")
                     # Without test-time augmentation: it would multiply the cost of every
                     # validation; evaluate and predict apply eval.tta.
@@ -164,8 +166,8 @@ def _summarise(metrics: list[dict]) -> dict:
     return out
 
 
-def _fresh_state(cfg, model, tx, rng, sharding):
-    state = init_state(cfg, model, tx, rng, sharding)
+def _fresh_state(cfg, model, tx, rng, sharding, traced):
+    state = init_state(cfg, model, tx, rng, sharding, traced)
     if cfg.model.init_checkpoint:
         state = _load_init_checkpoint(state, cfg.model.init_checkpoint, sharding)
     return state
@@ -173,6 +175,8 @@ def _fresh_state(cfg, model, tx, rng, sharding):
 
 def _validate(cfg, source, state, mesh, eval_fn) -> dict:
     """Metrics of ``state`` on the validation source (``cfg`` at its evaluation size)."""
+    from tsfd_jax.evaluate import evaluate_source
+
     result = evaluate_source(cfg, state.eval_variables(), source, mesh=mesh,
                              max_images=int(cfg.eval_max_images) or None, with_report=False,
                              eval_fn=eval_fn)

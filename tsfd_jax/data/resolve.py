@@ -22,13 +22,11 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 from tsfd_jax.data.pipeline import TiledSource
-from tsfd_jax.data.prepare import prepare
 from tsfd_jax.data.prepared import COMPLETE, METADATA, PreparedDataset, open_prepared
 from tsfd_jax.data.sampling import check_mode, image_labels, sampling_weights
 from tsfd_jax.data.split_lists import resolve_split
 from tsfd_jax.errors import UserError
 from tsfd_jax.ops.preprocess import at_label_size, input_size_at
-from tsfd_jax.predict import tile_starts
 
 
 def is_prepared(path: Path) -> bool:
@@ -37,6 +35,9 @@ def is_prepared(path: Path) -> bool:
 
 def _prepare_once(source: str, root: Path, out: Path, cfg) -> PreparedDataset:
     """Prepare on process 0 while the others wait (one writer per folder)."""
+    # Imported here: a run on prepared data starts without it (tfds' writers, ~0.2 s).
+    from tsfd_jax.data.prepare import prepare
+
     if jax.process_index() == 0:
         prepare(source, [root], out, val_fraction=float(cfg.data.get("val_fraction", 0.0)),
                 seed=int(cfg.seed), classes=_classes(cfg, source))
@@ -159,6 +160,8 @@ def eval_view(cfg, prepared: PreparedDataset, source: Any):
                         "must be a multiple of 32 pixels")
     _too_small(shapes, source.keys, want, prepared.root, "the evaluation size")
     if set(shapes) != {(want, want)}:
+        from tsfd_jax.predict import tile_starts  # predict's imports cost training's start-up
+
         tiles = [(i, y, x) for i, (h, w) in enumerate(shapes)
                  for y in tile_starts(h, want, 0) for x in tile_starts(w, want, 0)]
         source = TiledSource(source, tiles, want)
