@@ -430,3 +430,23 @@ def test_loss_rows_use_their_terms_and_weights(variant):
     bdr = terms["bdr_ft"] + w_bdr * terms.get("bdr_combo", 0)
     tissue = terms.get("tissue_ce", terms.get("tissue_focal"))
     np.testing.assert_allclose(float(total), seg + bdr + tissue, rtol=1e-5)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.backbone=efficientnet", "model.backbone must be 'plain' or one of"),
+    ("optim.name=adam", "optim.name must be one of"),
+    ("postprocess.method=marker", "postprocess.method must be one of"),
+    ("model.depthwise_impl=fast", "model.depthwise_impl must be one of"),
+    ("model.dtype=float8", "model.dtype must be one of")])
+def test_train_refuses_a_bad_config_value_in_one_line_before_writing(tmp_path, capsys,
+                                                                     override, message):
+    from tsfd_jax.cli import main
+
+    workdir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", "configs/demo.py", "--workdir", str(workdir),
+              f"--config.data.root={tmp_path}", f"--config.{override}",
+              "--compilation-cache", "none"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith(f"error: {message}")
+    assert len(err.splitlines()) == 1 and not workdir.exists()

@@ -280,7 +280,7 @@ def test_a_broken_tuned_file_is_a_one_line_error(tmp_path, text):
 
 def test_tuned_methods_come_from_the_config_and_old_runs_search_both(tmp_path):
     from tsfd_jax.evaluate_run import tune_workdir
-    from tsfd_jax.postprocess import METHODS
+    from tsfd_jax.postprocess_params import METHODS
     from tsfd_jax.tune import tuned_methods
 
     cfg = default.get_config().to_dict()

@@ -24,6 +24,7 @@ from tsfd_jax.losses import check_loss_config
 from tsfd_jax.models.keras_weights import merge_backbone
 from tsfd_jax.models.tsfd import build_model
 from tsfd_jax.ops.preprocess import make_preprocess_fn
+from tsfd_jax.postprocess_params import PostprocessParams
 from tsfd_jax.steps import init_state, make_optimizer, make_train_step, trace_state
 from tsfd_jax.writers import MetricWriter
 
@@ -41,9 +42,13 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
     exactly (runs trained in turns on one machine, experiments/bench_quality.py).
     """
     workdir = Path(workdir)
-    check_loss_config(cfg.loss)  # a bad loss name fails before anything is compiled
+    # A config the code cannot use fails in one line before anything is written or compiled.
+    check_loss_config(cfg.loss)
+    PostprocessParams.of(cfg.postprocess)  # else found at the first validation
     # ---- multi-host and workdir ----------------------------------------------------------
     parallel.initialize_distributed(bool(cfg.mesh.distributed))
+    model = build_model(cfg)  # checks the model and optimiser fields (after JAX's set-up)
+    tx = make_optimizer(cfg)
     checkpoints.check_workdir(workdir, cfg, overwrite=overwrite, resume_anyway=resume_anyway)
     writer = MetricWriter(workdir)
 
@@ -58,9 +63,7 @@ def train_and_evaluate(cfg, workdir: str | Path, *, overwrite: bool = False,
                                num_workers=int(cfg.data.num_workers),
                                prefetch=int(cfg.data.prefetch), crop_size=crop, weights=weights)
 
-    # ---- model, optimiser, state -----------------------------------------------------------
-    model = build_model(cfg)
-    tx = make_optimizer(cfg)
+    # ---- state ---------------------------------------------------------------------------
     rng = jax.random.key(int(cfg.seed))
     initializer = trace_state(cfg, model, tx, rng, repl)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),

@@ -32,14 +32,14 @@ Many images run in parallel on host worker processes: ``postprocess_workers.py``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import scipy.ndimage as ndi
 
-VOTES = ("component", "nucleus")
-METHODS = ("paper", "markers")
+from tsfd_jax.postprocess_params import PostprocessParams
+
 _FOUR = ndi.generate_binary_structure(2, 1)
 
 # In-plane structures for labelling a (C, H, W) stack of class planes independently.
@@ -94,49 +94,6 @@ def thin(image: np.ndarray) -> np.ndarray:
         if new == count:
             return core.astype(bool)
         count = new
-
-
-@dataclass(frozen=True)
-class PostprocessParams:
-    """The ``cfg.postprocess`` values (a plain, picklable copy for worker processes)."""
-    seg_threshold: float = 0.5
-    boundary_threshold: float = 0.5
-    min_size: int = 22
-    closing_size: int = 3
-    erosion_size: int = 3
-    dilation_size: int = 3
-    vote: str = "component"  # majority class per: component (paper, authors) | nucleus
-    method: str = "paper"    # paper (steps 1-6) | markers (``marker_instances``)
-    split_depth: float = 0.0  # markers: split cores at distance-transform peaks this deep (px)
-    max_growth: float = 0.0   # markers: grow cores at most this far (px); 0 = the whole foreground
-    orphan_size: int = 0      # markers: foreground no core reached kept as nuclei from this size
-    basin_depth: float = 0.0  # markers: split cores at boundary-probability basins this deep
-
-    @classmethod
-    def of(cls, cfg_pp: Any) -> "PostprocessParams":
-        """From a ConfigDict, a dict or an instance; missing keys keep the defaults."""
-        if isinstance(cfg_pp, cls):
-            return cfg_pp
-        if cfg_pp is None:
-            return cls()
-        get = cfg_pp.get if hasattr(cfg_pp, "get") else (lambda k, d: getattr(cfg_pp, k, d))
-        params = cls(**{f.name: type(f.default)(get(f.name, f.default)) for f in fields(cls)})
-        for name in ("closing_size", "erosion_size", "dilation_size"):
-            size = int(getattr(params, name))
-            if size > 1 and size % 2 == 0:
-                raise ValueError(f"postprocess.{name} must be odd (or 0/1 = off); got {size}")
-        if params.vote not in VOTES:
-            raise ValueError(f"postprocess.vote must be one of {VOTES}; got {params.vote!r}")
-        if params.method not in METHODS:
-            raise ValueError(f"postprocess.method must be one of {METHODS}; got {params.method!r}")
-        if not params.splits_once():
-            raise ValueError("postprocess.split_depth and postprocess.basin_depth split the cores "
-                             "two ways; set one of them (the other 0)")
-        return params
-
-    def splits_once(self) -> bool:
-        """At most one way of splitting the cores is on."""
-        return not (self.split_depth > 0 and self.basin_depth > 0)
 
 
 @dataclass

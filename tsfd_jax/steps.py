@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tsfd_jax.errors import ConfigError
 from tsfd_jax.forward import apply_at_labels, foreground_dice
 from tsfd_jax.losses import tsfd_loss
 from tsfd_jax.models.tsfd import input_shape
@@ -93,9 +94,10 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     """
     name = str(cfg.optim.name)
     if name not in OPTIMIZERS:
-        raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {name!r}")
+        raise ConfigError(f"optim.name must be one of {OPTIMIZERS}, got {name!r}")
     if not 0.0 <= float(cfg.optim.ema_decay) < 1.0:
-        raise ValueError(f"optim.ema_decay must be in [0, 1) (0 = off), got {cfg.optim.ema_decay}")
+        raise ConfigError(f"optim.ema_decay must be in [0, 1) (0 = off), "
+                          f"got {cfg.optim.ema_decay}")
     schedule = make_schedule(cfg)
     wd = float(cfg.optim.weight_decay)
     l2 = float(cfg.optim.l2_fusion)

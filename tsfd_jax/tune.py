@@ -28,7 +28,8 @@ from tsfd_jax.data.pannuke import to_pannuke_masks
 from tsfd_jax.evaluate import predict_batches
 from tsfd_jax.forward import TTA_MODES
 from tsfd_jax.metrics.pq import pannuke_pq
-from tsfd_jax.postprocess import METHODS, PostprocessParams, to_pannuke_layout
+from tsfd_jax.postprocess import PostprocessParams, to_pannuke_layout
+from tsfd_jax.postprocess_params import METHODS
 from tsfd_jax.postprocess_workers import make_executor, postprocess_batch, spill_arrays
 
 TUNED_FILE = "postprocess.json"

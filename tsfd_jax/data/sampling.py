@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from tsfd_jax.errors import UserError
+from tsfd_jax.errors import ConfigError, UserError
 
 MODES = ("", "class", "tissue", "class+tissue")
 
@@ -57,7 +57,7 @@ def sampling_weights(mode: str, gamma: float, presence: np.ndarray | None = None
     """(N,) float64 weights of the module docstring for ``mode`` in MODES ('' -> all ones)."""
     check_mode(mode)
     if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"data.sampling_gamma {gamma}: must be in [0, 1]")
+        raise ConfigError(f"data.sampling_gamma {gamma}: must be in [0, 1]")
     parts = []
     if "class" in mode:
         p = np.asarray(presence, np.float64)

@@ -34,7 +34,8 @@ from jax import lax
 
 from tsfd_jax.models.bifpn import BiFPN, GatingBlock, glorot_uniform, level_name, resize_to
 from tsfd_jax.models.decoders import InterlinkedDecoders, SkipRefine, UpsamplingBlock
-from tsfd_jax.models.efficientnet import (BASE_BLOCKS, DEFAULT_TAPS, EfficientNet,
+from tsfd_jax.errors import ConfigError
+from tsfd_jax.models.efficientnet import (BASE_BLOCKS, DEFAULT_TAPS, VARIANTS, EfficientNet,
                                           efficientnet_config, stage_end_taps)
 from tsfd_jax.models.layers import DEPTHWISE_IMPLS, Layers
 from tsfd_jax.models.plain import TAPS as PLAIN_TAPS
@@ -201,6 +202,9 @@ def backbone_scaling(cfg) -> tuple[float, float]:
     """(width_mult, depth_mult): the B-variant's, each overridden where the config's is non-zero
     (B4's for the plain encoder, which has neither)."""
     backbone = str(cfg.model.backbone)
+    if backbone != PLAIN and backbone not in VARIANTS:
+        raise ConfigError(f"model.backbone must be {PLAIN!r} or one of {sorted(VARIANTS)}, "
+                          f"got {backbone!r}")
     width, depth = efficientnet_config("b4" if backbone == PLAIN else backbone)
     return (float(cfg.model.width_mult) or width, float(cfg.model.depth_mult) or depth)
 
@@ -216,7 +220,7 @@ def build_model(cfg) -> nn.Module:
     m = cfg.model
     arch = str(m.arch)
     if arch not in ARCHS:
-        raise ValueError(f"model.arch must be one of {ARCHS}, got {arch!r}")
+        raise ConfigError(f"model.arch must be one of {ARCHS}, got {arch!r}")
     boundary_channels = BOUNDARY_CHANNELS[check_boundary_kind(cfg)]
     if arch == "unet":
         return UNet(features=tuple(int(f) for f in m.unet_features),
@@ -224,42 +228,42 @@ def build_model(cfg) -> nn.Module:
                     layers=model_layers(cfg))
     width, depth = backbone_scaling(cfg)
     if not 0 <= int(m.fused_stages) <= len(BASE_BLOCKS):
-        raise ValueError(f"model.fused_stages must be 0..{len(BASE_BLOCKS)} (EfficientNet's "
-                         f"stages), got {m.fused_stages}")
+        raise ConfigError(f"model.fused_stages must be 0..{len(BASE_BLOCKS)} (EfficientNet's "
+                          f"stages), got {m.fused_stages}")
     plain = str(m.backbone) == PLAIN
     if plain and len(m.plain_features) != 5:
-        raise ValueError(f"model.plain_features needs 5 widths (strides 2, 4, 8, 16, 32), got "
-                         f"{tuple(m.plain_features)}")
+        raise ConfigError(f"model.plain_features needs 5 widths (strides 2, 4, 8, 16, 32), got "
+                          f"{tuple(m.plain_features)}")
     if bool(m.pool_stem) and not plain:
-        raise ValueError("model.pool_stem changes the plain encoder's stem; it needs "
-                         "model.backbone='plain'")
+        raise ConfigError("model.pool_stem changes the plain encoder's stem; it needs "
+                          "model.backbone='plain'")
     if int(m.input_depth) < 1:
-        raise ValueError(f"model.input_depth must be at least 1, got {m.input_depth}")
+        raise ConfigError(f"model.input_depth must be at least 1, got {m.input_depth}")
     if str(m.node_conv) not in NODE_CONVS:
-        raise ValueError(f"model.node_conv must be one of {NODE_CONVS}, got {m.node_conv!r}")
+        raise ConfigError(f"model.node_conv must be one of {NODE_CONVS}, got {m.node_conv!r}")
     if str(m.node_conv) == "dense" and bool(m.node_pointwise):
-        raise ValueError("model.node_pointwise adds a 1x1 conv after the nodes' depthwise conv; "
-                         "with model.node_conv='dense' there is none, set one of the two")
+        raise ConfigError("model.node_pointwise adds a 1x1 conv after the nodes' depthwise conv; "
+                          "with model.node_conv='dense' there is none, set one of the two")
     if bool(m.shared_input_skip) and not int(m.input_skip):
-        raise ValueError("model.shared_input_skip shares the input skip between the heads; it "
-                         "needs model.input_skip > 0 (the skip's channels)")
+        raise ConfigError("model.shared_input_skip shares the input skip between the heads; it "
+                          "needs model.input_skip > 0 (the skip's channels)")
     if not bool(m.output_blocks) and not int(m.input_skip):
-        raise ValueError("model.output_blocks=False leaves the logits to the input skip; it "
-                         "needs model.input_skip > 0 (the skip's channels)")
+        raise ConfigError("model.output_blocks=False leaves the logits to the input skip; it "
+                          "needs model.input_skip > 0 (the skip's channels)")
     if not bool(m.output_blocks) and int(m.stem_skip):
-        raise ValueError("model.stem_skip refines the output blocks' logits; with "
-                         "model.output_blocks=False there are none, set model.stem_skip=0")
+        raise ConfigError("model.stem_skip refines the output blocks' logits; with "
+                          "model.output_blocks=False there are none, set model.stem_skip=0")
     taps = tuple(m.taps)
     if not taps or taps == DEFAULT_TAPS:
         taps = PLAIN_TAPS if plain else stage_end_taps(width, depth)
     if int(m.stem_skip) and "stem" in taps:
-        raise ValueError("model.stem_skip refines logits at the stem's stride 2, but with 'stem' "
-                         "among model.taps the decoders already end there and the heads at the "
-                         "input resolution; set model.stem_skip=0")
+        raise ConfigError("model.stem_skip refines logits at the stem's stride 2, but with 'stem' "
+                          "among model.taps the decoders already end there and the heads at the "
+                          "input resolution; set model.stem_skip=0")
     num_tissues = len(cfg.data.tissue_names)
     if m.tissue_head and num_tissues < 2:
-        raise ValueError("model.tissue_head needs at least 2 data.tissue_names "
-                         f"(got {num_tissues}); set model.tissue_head=False (CBB) instead")
+        raise ConfigError("model.tissue_head needs at least 2 data.tissue_names "
+                          f"(got {num_tissues}); set model.tissue_head=False (CBB) instead")
     return TSFDNet(
         width_mult=width, depth_mult=depth, drop_connect_rate=float(m.drop_connect_rate),
         fused_stages=int(m.fused_stages),
@@ -284,8 +288,8 @@ def model_layers(cfg) -> Layers:
     m = cfg.model
     dtype = str(m.dtype)
     if dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     impl = str(m.depthwise_impl)
     if impl not in DEPTHWISE_IMPLS:
-        raise ValueError(f"model.depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
+        raise ConfigError(f"model.depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
     return Layers(dtype=DTYPES[dtype], bn_momentum=float(m.bn_momentum), depthwise_impl=impl)
