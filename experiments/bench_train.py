@@ -25,6 +25,8 @@ CPU rows report FLOP/s only.
   python experiments/bench_train.py --out bench_train.json                  # CPU: tiny + full
   python experiments/bench_train.py --batch 16 --iters 20 --out bench_train_gpu.json
   python experiments/bench_train.py --no-tiny --no-full --config configs/demo.py --compare
+  python experiments/bench_train.py --no-tiny --no-full --config configs/demo.py --compare \
+      --config.model.backbone=b4 --config.model.num_bifpn=2      # the demo model with BiFPNs
 """
 
 from __future__ import annotations
