@@ -234,7 +234,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    overrides = args.overrides
 
     import jax
 
@@ -267,13 +266,13 @@ def main() -> None:
 
     for spec in args.config:
         for impl in ("conv", "shift") if args.compare else (None,):
-            cfg = load_config(spec, overrides)
+            cfg = load_config(spec, args.overrides)
             if impl:
                 cfg.model.depthwise_impl = impl
             run(Path(spec.split(":")[0]).stem, cfg, cfg.input.size, cfg.data.image_size,
                 cfg.data.global_batch_size, args.tiny_iters)
         if args.breakdown:
-            parts = breakdown(load_config(spec, overrides), args.tiny_iters)
+            parts = breakdown(load_config(spec, args.overrides), args.tiny_iters)
             rows[-1]["breakdown_ms"] = {name: ms for name, ms, _, _ in parts}
             rows[-1]["breakdown_flops"] = {name: [w, c] for name, _, w, c in parts}
     if not args.no_tiny:

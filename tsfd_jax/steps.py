@@ -19,7 +19,6 @@ from typing import Any, Callable, NamedTuple
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from tsfd_jax.errors import ConfigError
@@ -150,7 +149,7 @@ def unpack(packed: jax.Array | tuple, like: PyTree) -> PyTree:
     vector, large = (packed[0], iter(packed[1:])) if isinstance(packed, tuple) else (packed, None)
     out, offset = [], 0
     for x in leaves:
-        size = int(np.prod(jnp.shape(x), dtype=np.int64))
+        size = jnp.size(x)
         if size >= LARGE_LEAF:
             out.append(next(large))
         else:
